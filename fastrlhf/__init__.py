@@ -1,0 +1,33 @@
+"""fastrlhf: fused Triton / C++ kernels for RLHF losses that never build vocabulary-sized tensors.
+
+Public API (``shared/API.md``): token ops, KL estimators, PPO/GRPO/DPO losses from logits
+and from hidden states + lm_head weight (``linear_*``), GAE and group advantages.
+"""
+
+from ._backend import available_backends
+from .ops import (
+    dpo_loss,
+    entropy,
+    gae,
+    group_advantages,
+    grpo_loss,
+    kl_estimate,
+    ppo_clip_loss,
+    token_logprobs,
+    token_logprobs_and_entropy,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "available_backends",
+    "token_logprobs",
+    "token_logprobs_and_entropy",
+    "entropy",
+    "kl_estimate",
+    "ppo_clip_loss",
+    "grpo_loss",
+    "dpo_loss",
+    "gae",
+    "group_advantages",
+]

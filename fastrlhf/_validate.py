@@ -1,0 +1,68 @@
+"""Host-side input checks shared by every public op: clear errors naming the argument."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+LABEL_DTYPES = (torch.int32, torch.int64)
+
+
+def check_temperature(temperature: float) -> float:
+    t = float(temperature)
+    if not (t > 0.0 and math.isfinite(t)):
+        raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
+    return t
+
+
+def check_logits(logits: torch.Tensor, name: str = "logits") -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() < 2:
+        raise ValueError(f"{name} must be [..., V] with at least 2 dims, got shape {tuple(logits.shape)}")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be fp32/bf16/fp16 (or fp64), got {logits.dtype}")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{name} has an empty vocabulary dimension (V = 0)")
+
+
+def check_labels(labels: torch.Tensor, logits: torch.Tensor, ignore_index: int, name: str = "labels") -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in LABEL_DTYPES:
+        raise TypeError(f"{name} must be int32 or int64, got {labels.dtype}")
+    if labels.device != logits.device:
+        raise ValueError(f"{name} is on {labels.device} but logits are on {logits.device}")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"{name} must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
+        )
+    V = logits.shape[-1]
+    if labels.numel() == 0:
+        return
+    # One N-sized check (a device sync on GPU) that keeps every kernel's label read in bounds.
+    bad = ((labels < 0) | (labels >= V)) & (labels != ignore_index)
+    if bool(bad.any()):
+        value = int(labels[bad].flatten()[0])
+        raise ValueError(f"{name} contains {value}, outside [0, {V}) and not ignore_index={ignore_index}")
+
+
+def check_token_tensor(
+    t: Optional[torch.Tensor], like: torch.Tensor, name: str, allow_per_sequence: bool = False
+) -> None:
+    """``t`` must be ``like.shape`` (per token) or, if allowed, ``like.shape[:1]`` (per sequence)."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but logits are on {like.device}")
+    if tuple(t.shape) == tuple(like.shape):
+        return
+    if allow_per_sequence and like.dim() >= 2 and tuple(t.shape) == tuple(like.shape[:1]):
+        return
+    want = f"{tuple(like.shape)}" + (f" or {tuple(like.shape[:1])}" if allow_per_sequence and like.dim() >= 2 else "")
+    raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")

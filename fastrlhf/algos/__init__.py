@@ -1,0 +1,1 @@
+"""PPO, DPO and GRPO training on Hugging Face causal LMs, built only on the public ops."""

@@ -1,0 +1,1 @@
+"""Drop-in replacements for the loss/logprob functions of TRL, verl and OpenRLHF."""

@@ -1,0 +1,499 @@
+"""Plain-PyTorch reference of every fastrlhf op: the oracle.
+
+Every public op of ``../shared/API.md`` has a same-named, same-signature function here.
+Tests compare the kernels with these (in fp64), benchmarks use them as the "plain PyTorch
+composition" baseline, and the non-Triton backends reuse the N-sized per-token loss math
+(``ppo_clip_loss_from_logprobs``, ``dpo_loss_from_logprobs``).
+
+These functions are written for clarity, not memory: they materialize the full
+``[N, V]`` log-softmax (``N x V x 4`` bytes in fp32), exactly what the kernels avoid.
+No Triton import here.
+
+``upcast=True`` (default) computes in fp32, or fp64 when the input is fp64; ``upcast=False``
+computes in the input dtype, which measures PyTorch's own error at that precision.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "token_logprobs",
+    "token_logprobs_and_entropy",
+    "entropy",
+    "kl_estimate",
+    "ppo_clip_loss",
+    "ppo_clip_loss_from_logprobs",
+    "grpo_loss",
+    "dpo_loss",
+    "dpo_loss_from_logprobs",
+    "linear_token_logprobs",
+    "linear_token_logprobs_and_entropy",
+    "linear_ppo_clip_loss",
+    "linear_grpo_loss",
+    "linear_dpo_loss",
+    "gae",
+    "group_advantages",
+    "LOSS_AGG_MODES",
+    "KL_ESTIMATORS",
+    "DPO_LOSS_TYPES",
+]
+
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
+
+# ratio = exp(clamp(logp - old_logp, -20, 20)): exp(20) = 4.9e8 stays finite in fp32 and
+# only ever matters for clipped (zero-gradient) tokens; verl clamps at the same value.
+LOG_RATIO_CLAMP = 20.0
+
+
+def _compute_dtype(x: torch.Tensor, upcast: bool) -> torch.dtype:
+    if not upcast:
+        return x.dtype
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------
+# Token ops
+# ----------------------------------------------------------------------------------------
+
+
+def token_logprobs_and_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    upcast: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(logp, entropy)`` per token; 0 (and zero gradient) where ``labels == ignore_index``."""
+    x = logits.to(_compute_dtype(logits, upcast)) / temperature  # [..., V]
+    logsm = torch.log_softmax(x, dim=-1)  # [..., V]  reads V, writes V (the tensor we avoid)
+    valid = labels != ignore_index  # [...]
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    logp = logsm.gather(-1, safe.unsqueeze(-1)).squeeze(-1)  # [...]
+    p = logsm.exp()
+    # p * logsm is 0 * -inf = nan where a logit is -inf; such terms contribute 0.
+    plogp = torch.where(p > 0, p * logsm, torch.zeros_like(p))
+    ent = -plogp.sum(-1)  # [...]
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    out_dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    return torch.where(valid, logp, zero).to(out_dtype), torch.where(valid, ent, zero).to(out_dtype)
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """``logp = x[label] - logsumexp(x)``, ``x = logits / temperature``."""
+    x = logits.to(_compute_dtype(logits, upcast)) / temperature
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    logp = x.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, dim=-1)
+    out_dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    return torch.where(valid, logp, torch.zeros_like(logp)).to(out_dtype)
+
+
+def entropy(logits: torch.Tensor, *, temperature: float = 1.0, upcast: bool = True) -> torch.Tensor:
+    """``entropy = logsumexp(x) - sum(softmax(x) * x)`` per row."""
+    x = logits.to(_compute_dtype(logits, upcast)) / temperature
+    logsm = torch.log_softmax(x, dim=-1)
+    p = logsm.exp()
+    ent = -torch.where(p > 0, p * logsm, torch.zeros_like(p)).sum(-1)
+    return ent.to(torch.float64 if ent.dtype == torch.float64 else torch.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# KL estimators (Schulman, "Approximating KL divergence", 2020)
+# ----------------------------------------------------------------------------------------
+
+
+def kl_estimate(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    estimator: str = "k3",
+    clamp: Optional[Tuple[float, float]] = None,
+) -> torch.Tensor:
+    """Per-token estimate of KL(policy || ref) from samples of the policy.
+
+    ``r = ref_logp - logp``; ``k1 = -r``, ``k2 = r^2 / 2``, ``k3 = exp(r) - r - 1`` (``r``
+    clamped to +-20 before ``exp``). ``clamp=(lo, hi)`` clamps the estimate (verl's
+    ``low_var_kl`` is k3 with ``clamp=(-10, 10)``).
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    r = ref_logp - logp
+    if estimator == "k1":
+        kl = -r
+    elif estimator == "k2":
+        kl = 0.5 * r * r
+    else:
+        r = torch.clamp(r, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        kl = torch.exp(r) - r - 1.0
+    if clamp is not None:
+        kl = torch.clamp(kl, clamp[0], clamp[1])
+    return kl
+
+
+# ----------------------------------------------------------------------------------------
+# Loss aggregation
+# ----------------------------------------------------------------------------------------
+
+
+def loss_agg_weights(m: torch.Tensor, loss_agg: str) -> torch.Tensor:
+    """Weights ``w`` with ``loss = sum(per_token * w)`` for a ``[B, T]`` 0/1 mask ``m``.
+
+    - token-mean: ``m / sum(m)``
+    - seq-mean-token-mean: ``m / sum_t(m) / #sequences with a counted token``
+    - seq-mean-token-sum: ``m / B``
+    - seq-mean-token-sum-norm (Dr. GRPO): ``m / (B * T)``
+    An all-zero mask gives all-zero weights (loss 0, no NaN).
+    """
+    if loss_agg not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGG_MODES}, got {loss_agg!r}")
+    B, T = m.shape
+    if loss_agg == "token-mean":
+        return m / m.sum().clamp_min(1.0)
+    if loss_agg == "seq-mean-token-mean":
+        per_seq = m.sum(-1, keepdim=True)  # [B, 1]
+        n_seq = (per_seq > 0).sum().clamp_min(1)
+        return m / per_seq.clamp_min(1.0) / n_seq
+    if loss_agg == "seq-mean-token-sum":
+        return m / max(B, 1)
+    return m / max(B * T, 1)
+
+
+def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return (x * m).sum() / m.sum().clamp_min(1.0)
+
+
+def as_batch_time(t: torch.Tensor) -> torch.Tensor:
+    """View a per-token tensor ``[...]`` as ``[B, T]`` (1-D -> ``[1, N]``; >2-D -> flatten leading)."""
+    if t.dim() == 1:
+        return t.unsqueeze(0)
+    if t.dim() == 2:
+        return t
+    return t.reshape(-1, t.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------
+# PPO-clip / GRPO
+# ----------------------------------------------------------------------------------------
+
+
+def ppo_clip_loss_from_logprobs(
+    logp: torch.Tensor,
+    counted: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    entropy: Optional[torch.Tensor] = None,
+    clip_low: float = 0.2,
+    clip_high: Optional[float] = None,
+    dual_clip: Optional[float] = None,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    loss_agg: str = "token-mean",
+) -> Tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
+    """PPO-clip loss on per-token log-probabilities (all ``[B, T]``; ``advantages`` may be ``[B]``).
+
+    ``counted`` is the 0/1 float mask of tokens that count (mask and not ignore_index).
+    Differentiable in ``logp`` and ``entropy``. See :func:`ppo_clip_loss` for the math.
+    """
+    clip_high = clip_low if clip_high is None else clip_high
+    m = counted.to(logp.dtype)
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)  # [B, 1] broadcast over T
+    A = advantages.to(logp.dtype)
+    old = old_logprobs.to(logp.dtype)
+    log_ratio = torch.clamp(logp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    pg1 = -A * ratio
+    pg2 = -A * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    pg = torch.maximum(pg1, pg2)
+    clipped = pg2 > pg1
+    if dual_clip is not None:
+        pg3 = -A * dual_clip
+        pg = torch.where(A < 0, torch.minimum(pg, pg3), pg)
+    per_token = pg
+    stats = {}
+    if kl_coef > 0.0:
+        if ref_logprobs is None:
+            raise ValueError("ref_logprobs is required when kl_coef > 0")
+        kl = kl_estimate(logp, ref_logprobs.to(logp.dtype), kl_estimator)
+        per_token = per_token + kl_coef * kl
+        stats["kl"] = _masked_mean(kl.detach(), m)
+    if entropy_coef > 0.0:
+        if entropy is None:
+            raise ValueError("entropy is required when entropy_coef > 0")
+        per_token = per_token - entropy_coef * entropy
+    w = loss_agg_weights(m, loss_agg)
+    loss = (per_token * w).sum()
+    with torch.no_grad():
+        r = old - logp.detach()
+        stats["clipfrac"] = _masked_mean(clipped.to(m.dtype), m)
+        stats["ratio_mean"] = _masked_mean(ratio.detach(), m)
+        stats["approx_kl"] = _masked_mean(torch.exp(r.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)) - r - 1.0, m)
+        if entropy is not None:
+            stats["entropy"] = _masked_mean(entropy.detach(), m)
+        stats["num_tokens"] = m.sum()
+    return loss, {k: v.detach().float() if v.dtype != torch.float64 else v.detach() for k, v in stats.items()}
+
+
+def _counted_mask(labels: torch.Tensor, mask: Optional[torch.Tensor], ignore_index: int) -> torch.Tensor:
+    counted = labels != ignore_index
+    if mask is not None:
+        counted = counted & mask.reshape(labels.shape).bool()
+    return counted
+
+
+def ppo_clip_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    clip_low: float = 0.2,
+    clip_high: Optional[float] = None,
+    dual_clip: Optional[float] = None,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    loss_agg: str = "token-mean",
+    ignore_index: int = -100,
+    upcast: bool = True,
+) -> Tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
+    """PPO-clip (Schulman et al. 2017, eq. 7) with dual clip (Ye et al. 2020) and KL / entropy terms.
+
+    Per token: ``ratio = exp(clamp(logp - old, -20, 20))``,
+    ``pg = max(-A * ratio, -A * clamp(ratio, 1 - clip_low, 1 + clip_high))``; with ``dual_clip=c``
+    ``pg = min(pg, -A * c)`` where ``A < 0``; ``+ kl_coef * kl`` and ``- entropy_coef * H``;
+    aggregated with ``loss_agg``.
+    """
+    logp, ent = token_logprobs_and_entropy(
+        logits, labels, temperature=temperature, ignore_index=ignore_index, upcast=upcast
+    )
+    counted = as_batch_time(_counted_mask(labels, mask, ignore_index)).to(logp.dtype)
+    per_sequence = advantages.dim() == 1 and labels.dim() >= 2
+    adv = advantages if per_sequence else as_batch_time(advantages)
+    return ppo_clip_loss_from_logprobs(
+        as_batch_time(logp),
+        counted,
+        as_batch_time(old_logprobs),
+        adv,
+        entropy=as_batch_time(ent),
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        ref_logprobs=None if ref_logprobs is None else as_batch_time(ref_logprobs),
+        kl_coef=kl_coef,
+        kl_estimator=kl_estimator,
+        entropy_coef=entropy_coef,
+        loss_agg=loss_agg,
+    )
+
+
+def grpo_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    *,
+    beta: float = 0.04,
+    **kwargs,
+) -> Tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
+    """GRPO (Shao et al. 2024, eq. 3): PPO-clip + ``beta`` * k3 KL to the reference."""
+    return ppo_clip_loss(
+        logits, labels, old_logprobs, advantages,
+        ref_logprobs=ref_logprobs, kl_coef=beta, kl_estimator="k3", **kwargs,
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# DPO (Rafailov et al. 2023, eq. 7) and variants
+# ----------------------------------------------------------------------------------------
+
+
+def dpo_loss_from_logprobs(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> Tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
+    """DPO loss on sequence log-probabilities ``[B]`` (sums; token means for ``ipo``)."""
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+    dt = chosen_logps.dtype
+    ref_c = ref_chosen_logps.to(dt)
+    ref_r = ref_rejected_logps.to(dt)
+    logits = (chosen_logps - rejected_logps) - (ref_c - ref_r)  # [B]
+    h = beta * logits
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -(1.0 - eps) * F.logsigmoid(h) - eps * F.logsigmoid(-h)
+    elif loss_type == "hinge":
+        losses = torch.relu(1.0 - h)
+    elif loss_type == "ipo":
+        losses = (logits - 1.0 / (2.0 * beta)) ** 2
+    else:
+        if not 0.0 <= eps < 0.5:
+            raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {eps}")
+        losses = (-(1.0 - eps) * F.logsigmoid(h) + eps * F.logsigmoid(-h)) / (1.0 - 2.0 * eps)
+    loss = losses.mean()
+    with torch.no_grad():
+        chosen_r = beta * (chosen_logps.detach() - ref_c)
+        rejected_r = beta * (rejected_logps.detach() - ref_r)
+        stats = {
+            "chosen_rewards": chosen_r.mean(),
+            "rejected_rewards": rejected_r.mean(),
+            "reward_accuracy": (chosen_r > rejected_r).to(dt).mean(),
+            "reward_margin": (chosen_r - rejected_r).mean(),
+        }
+    return loss, stats
+
+
+def dpo_sequence_logps(logp: torch.Tensor, counted: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """Sum (``ipo``: mean) of per-token logp ``[2B, T]`` over counted tokens -> ``[2B]``."""
+    m = counted.to(logp.dtype)
+    s = (logp * m).sum(-1)
+    if loss_type == "ipo":
+        s = s / m.sum(-1).clamp_min(1.0)
+    return s
+
+
+def dpo_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    upcast: bool = True,
+) -> Tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
+    """DPO on ``logits [2B, T, V]``: rows ``0..B-1`` chosen, ``B..2B-1`` rejected (TRL's order)."""
+    logp = token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index, upcast=upcast)
+    seq = dpo_sequence_logps(as_batch_time(logp), as_batch_time(labels != ignore_index), loss_type)
+    B = seq.shape[0] // 2
+    return dpo_loss_from_logprobs(
+        seq[:B], seq[B:], ref_chosen_logps, ref_rejected_logps,
+        beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Fused-linear variants: the logits ops applied to hidden @ weight.T (+ bias)
+# ----------------------------------------------------------------------------------------
+
+
+def _linear_logits(hidden, weight, bias):
+    logits = hidden @ weight.T  # [..., V]  the full logits the fused-linear ops never build
+    if bias is not None:
+        logits = logits + bias
+    return logits
+
+
+def linear_token_logprobs(hidden, weight, labels, *, bias=None, **kwargs):
+    return token_logprobs(_linear_logits(hidden, weight, bias), labels, **kwargs)
+
+
+def linear_token_logprobs_and_entropy(hidden, weight, labels, *, bias=None, **kwargs):
+    return token_logprobs_and_entropy(_linear_logits(hidden, weight, bias), labels, **kwargs)
+
+
+def linear_ppo_clip_loss(hidden, weight, labels, old_logprobs, advantages, *, bias=None, **kwargs):
+    return ppo_clip_loss(_linear_logits(hidden, weight, bias), labels, old_logprobs, advantages, **kwargs)
+
+
+def linear_grpo_loss(hidden, weight, labels, old_logprobs, advantages, ref_logprobs=None, *, bias=None, **kwargs):
+    return grpo_loss(_linear_logits(hidden, weight, bias), labels, old_logprobs, advantages, ref_logprobs, **kwargs)
+
+
+def linear_dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, *, bias=None, **kwargs):
+    return dpo_loss(_linear_logits(hidden, weight, bias), labels, ref_chosen_logps, ref_rejected_logps, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------
+# Advantages
+# ----------------------------------------------------------------------------------------
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation (Schulman et al. 2016, eq. 16) over counted tokens.
+
+    Uncounted tokens are skipped by the recursion (verl's multi-turn GAE): ``next`` is the
+    next counted token of the row, V and A are 0 after the last one; they get A = returns = 0.
+    """
+    B, T = rewards.shape
+    dt = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    r = rewards.to(dt)
+    v = values.to(dt)
+    m = mask.bool()
+    adv = torch.zeros(B, T, dtype=dt, device=rewards.device)
+    next_v = torch.zeros(B, dtype=dt, device=rewards.device)
+    next_a = torch.zeros(B, dtype=dt, device=rewards.device)
+    for t in reversed(range(T)):
+        delta = r[:, t] + gamma * next_v - v[:, t]
+        a = delta + gamma * lam * next_a
+        mt = m[:, t]
+        adv[:, t] = torch.where(mt, a, torch.zeros_like(a))
+        next_v = torch.where(mt, v[:, t], next_v)
+        next_a = torch.where(mt, a, next_a)
+    returns = torch.where(m, adv + v, torch.zeros_like(adv))
+    return adv, returns
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    *,
+    scale: str = "group",
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """GRPO outcome advantages (Shao et al. 2024, sec. 4.1.2): ``(r - mean_g) / (std_g + eps)``.
+
+    Unbiased std within each group of ``group_size``; ``scale="none"`` only centres
+    (Dr. GRPO, Liu et al. 2025). A group of one has std 0 (advantage 0).
+    """
+    if scale not in ("group", "none"):
+        raise ValueError(f"scale must be 'group' or 'none', got {scale!r}")
+    shape = rewards.shape
+    dt = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    r = rewards.to(dt).reshape(-1, group_size)  # [B, G]
+    centred = r - r.mean(-1, keepdim=True)
+    if scale == "group":
+        if group_size > 1:
+            std = r.std(-1, keepdim=True, correction=1)
+        else:
+            std = torch.zeros_like(r)
+        centred = centred / (std + eps)
+    return centred.reshape(shape)
+
