@@ -58,6 +58,18 @@ def _row_chunks(x3: torch.Tensor, rows: int) -> Iterator[Tuple[int, int, torch.T
             yield b * T + t0, b * T + t1, x3[b, t0:t1]
 
 
+def _row_view(x3: torch.Tensor, n0: int, n1: int) -> torch.Tensor:
+    """Rows ``n0..n1`` of ``x3`` as a ``[n, V]`` view (they must not cross a batch row unless mergeable)."""
+    B, T, V = x3.shape
+    try:
+        return x3.view(B * T, V)[n0:n1]
+    except RuntimeError:
+        b = n0 // T
+        if (n1 - 1) // T != b:
+            raise ValueError("row range crosses a batch row of a non-mergeable [B, T, V] view") from None
+        return x3[b, n0 - b * T : n1 - b * T]
+
+
 def _rows_per_chunk(V: int) -> int:
     return max(1, TORCH_CHUNK_BYTES // (4 * V))
 
@@ -108,8 +120,8 @@ def torch_row_backward(
 ) -> None:
     B, T, V = x3.shape
     dt = out_dtype(x3)
-    out_chunks = _row_chunks(out3, _rows_per_chunk(V))
-    for (n0, n1, xv), (_, _, ov) in zip(_row_chunks(x3, _rows_per_chunk(V)), out_chunks):
+    for n0, n1, xv in _row_chunks(x3, _rows_per_chunk(V)):
+        ov = _row_view(out3, n0, n1)
         x = xv.to(dt) * inv_temp  # [n, V]
         row_lse = lse[n0:n1].to(dt).unsqueeze(1)
         p = torch.exp(x - row_lse)  # [n, V]

@@ -57,6 +57,10 @@ def _compute_dtype(x: torch.Tensor, upcast: bool) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _finite_or_zero(logsm: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    return torch.where(p > 0, logsm, torch.zeros_like(logsm))
+
+
 # ----------------------------------------------------------------------------------------
 # Token ops
 # ----------------------------------------------------------------------------------------
@@ -77,9 +81,9 @@ def token_logprobs_and_entropy(
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
     logp = logsm.gather(-1, safe.unsqueeze(-1)).squeeze(-1)  # [...]
     p = logsm.exp()
-    # p * logsm is 0 * -inf = nan where a logit is -inf; such terms contribute 0.
-    plogp = torch.where(p > 0, p * logsm, torch.zeros_like(p))
-    ent = -plogp.sum(-1)  # [...]
+    # p * logsm is 0 * -inf = nan where a logit is -inf; such terms contribute 0 (the where
+    # is on logsm, not on the product, so that the backward has no 0 * inf either).
+    ent = -(p * _finite_or_zero(logsm, p)).sum(-1)  # [...]
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     out_dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
     return torch.where(valid, logp, zero).to(out_dtype), torch.where(valid, ent, zero).to(out_dtype)
@@ -107,7 +111,7 @@ def entropy(logits: torch.Tensor, *, temperature: float = 1.0, upcast: bool = Tr
     x = logits.to(_compute_dtype(logits, upcast)) / temperature
     logsm = torch.log_softmax(x, dim=-1)
     p = logsm.exp()
-    ent = -torch.where(p > 0, p * logsm, torch.zeros_like(p)).sum(-1)
+    ent = -(p * _finite_or_zero(logsm, p)).sum(-1)
     return ent.to(torch.float64 if ent.dtype == torch.float64 else torch.float32)
 
 

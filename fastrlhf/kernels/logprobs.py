@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreted
+from ._common import to_bf16_rtne
 
 # 4096 elements per block: 8 KiB of bf16 per load, 16 per thread at 8 warps, which keeps
 # enough bytes in flight per SM to saturate HBM (the usual choice of fused softmax kernels).
@@ -119,7 +120,8 @@ def _logprobs_bwd_kernel(
     # scalars
     inv_temp, ignore_index,
     # meta
-    HAS_LABELS: tl.constexpr, HAS_DLOGP: tl.constexpr, HAS_DENT: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_LABELS: tl.constexpr, HAS_DLOGP: tl.constexpr, HAS_DENT: tl.constexpr, MANUAL_RTNE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
@@ -151,6 +153,8 @@ def _logprobs_bwd_kernel(
         if HAS_DENT:
             g -= dent * tl.where(p > 0, p * (x - big_e), 0.0)  # p = 0 at x = -inf: no 0 * inf
         g = tl.where(valid, g * inv_temp, 0.0)
+        if MANUAL_RTNE:
+            g = to_bf16_rtne(g)
         tl.store(out_ptr + offs.to(tl.int64) * stride_gv, g.to(dlogits_ptr.dtype.element_ty), mask=cmask)
 
 
@@ -217,5 +221,5 @@ def logprobs_backward(
         *out3.stride(),
         inv_temp, ignore_index,
         HAS_LABELS=labels is not None, HAS_DLOGP=dlogp is not None, HAS_DENT=dent is not None,
-        BLOCK_V=block_v, num_warps=num_warps,
+        MANUAL_RTNE=triton_interpreted() and out3.dtype == torch.bfloat16, BLOCK_V=block_v, num_warps=num_warps,
     )
