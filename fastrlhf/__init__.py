@@ -5,6 +5,13 @@ and from hidden states + lm_head weight (``linear_*``), GAE and group advantages
 """
 
 from ._backend import available_backends
+from .linear import (
+    linear_dpo_loss,
+    linear_grpo_loss,
+    linear_ppo_clip_loss,
+    linear_token_logprobs,
+    linear_token_logprobs_and_entropy,
+)
 from .ops import (
     dpo_loss,
     entropy,
@@ -28,6 +35,11 @@ __all__ = [
     "ppo_clip_loss",
     "grpo_loss",
     "dpo_loss",
+    "linear_token_logprobs",
+    "linear_token_logprobs_and_entropy",
+    "linear_ppo_clip_loss",
+    "linear_grpo_loss",
+    "linear_dpo_loss",
     "gae",
     "group_advantages",
 ]
