@@ -1,0 +1,67 @@
+// pybind11 binding of the native row passes (module fastrlhf._C).
+//
+// Tensors cross as raw addresses (uintptr_t from torch's data_ptr()) plus sizes, element
+// strides and a dtype code, so this module needs no torch headers: it builds in pip's
+// isolated build environment and works with any torch ABI. fastrlhf/_native.py validates
+// every tensor (device, dtype, shape, strides, contiguity) and allocates the outputs before
+// calling in; the checks here only guard against a misuse of this low-level interface.
+// The GIL is released while the rows are processed.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "rows.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <class P>
+P* ptr(uintptr_t address) {
+  return reinterpret_cast<P*>(address);
+}
+
+void forward(uintptr_t x, int dtype, int64_t B, int64_t T, int64_t V, int64_t stride_b, int64_t stride_t,
+             uintptr_t labels, int label_bytes, int64_t ignore_index, double inv_temp, uintptr_t logp, uintptr_t ent,
+             uintptr_t lse, int num_threads) {
+  const fastrlhf::RowsIn in{ptr<const void>(x), dtype, B, T, V, stride_b, stride_t};
+  const fastrlhf::Labels lab{ptr<const void>(labels), label_bytes, ignore_index};
+  py::gil_scoped_release no_gil;
+  fastrlhf::row_forward(in, lab, static_cast<float>(inv_temp), ptr<float>(logp), ptr<float>(ent), ptr<float>(lse),
+                        num_threads);
+}
+
+void backward(uintptr_t x, int dtype, int64_t B, int64_t T, int64_t V, int64_t stride_b, int64_t stride_t,
+              uintptr_t labels, int label_bytes, int64_t ignore_index, uintptr_t lse, uintptr_t ent, uintptr_t dlogp,
+              uintptr_t dent, double inv_temp, uintptr_t out, int64_t out_stride_b, int64_t out_stride_t,
+              int num_threads) {
+  const fastrlhf::RowsIn in{ptr<const void>(x), dtype, B, T, V, stride_b, stride_t};
+  const fastrlhf::Labels lab{ptr<const void>(labels), label_bytes, ignore_index};
+  py::gil_scoped_release no_gil;
+  fastrlhf::row_backward(in, lab, ptr<const float>(lse), ptr<const float>(ent), ptr<const float>(dlogp),
+                         ptr<const float>(dent), static_cast<float>(inv_temp), ptr<void>(out), out_stride_b,
+                         out_stride_t, num_threads);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastrlhf native CPU row passes (raw-buffer interface; use fastrlhf._native)";
+  m.attr("DTYPE_FLOAT32") = static_cast<int>(fastrlhf::kFloat32);
+  m.attr("DTYPE_BFLOAT16") = static_cast<int>(fastrlhf::kBFloat16);
+  m.attr("DTYPE_FLOAT16") = static_cast<int>(fastrlhf::kFloat16);
+#ifdef _OPENMP
+  m.attr("OPENMP") = true;
+#else
+  m.attr("OPENMP") = false;
+#endif
+  m.def("row_forward", &forward, "lse[N] (+ logp[N], ent[N]) of [B, T, V] logits; addresses are 0 for None",
+        py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("stride_b"),
+        py::arg("stride_t"), py::arg("labels"), py::arg("label_bytes"), py::arg("ignore_index"), py::arg("inv_temp"),
+        py::arg("logp"), py::arg("ent"), py::arg("lse"), py::arg("num_threads"));
+  m.def("row_backward", &backward, "d/dlogits of sum(dlogp * logp + dent * ent) into out (may alias x)",
+        py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("stride_b"),
+        py::arg("stride_t"), py::arg("labels"), py::arg("label_bytes"), py::arg("ignore_index"), py::arg("lse"),
+        py::arg("ent"), py::arg("dlogp"), py::arg("dent"), py::arg("inv_temp"), py::arg("out"),
+        py::arg("out_stride_b"), py::arg("out_stride_t"), py::arg("num_threads"));
+}
