@@ -46,37 +46,19 @@ INTERPRET_BLOCK_V = 16384
 
 
 @triton.jit
-def _logprobs_fwd_kernel(
-    # pointers
-    logits_ptr, labels_ptr, logp_ptr, ent_ptr, lse_ptr,
-    # sizes
-    T, V,
-    # strides (elements)
-    stride_lb, stride_lt, stride_lv,
-    # scalars
-    inv_temp, ignore_index,
-    # meta
-    HAS_LABELS: tl.constexpr, HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+def row_lse_entropy(
+    row_ptr, V, stride_v, inv_temp, valid,
+    HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    t = row - b * T
-    row_ptr = logits_ptr + b * stride_lb + t * stride_lt
+    """One streaming pass over a row: ``(lse, entropy)`` of ``x = row * inv_temp`` (entropy
+    only when ``HAS_ENTROPY``). ``valid`` False loads nothing (masked loads move no bytes)."""
     cols = tl.arange(0, BLOCK_V)
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row).to(tl.int64)
-        valid = label != ignore_index
-    else:
-        valid = True
-
     m = tl.zeros([], dtype=tl.float32) - float("inf")  # running max
     s = tl.zeros([], dtype=tl.float32)  # sum exp(x - m)
     sx = tl.zeros([], dtype=tl.float32)  # sum exp(x - m) * (x - m)
     for start in range(0, V, BLOCK_V):
         offs = start + cols
-        cmask = offs < V
-        # Ignored rows load nothing (masked loads move no bytes): padding costs no bandwidth.
-        x = tl.load(row_ptr + offs.to(tl.int64) * stride_lv, mask=cmask & valid, other=float("-inf"))
+        x = tl.load(row_ptr + offs.to(tl.int64) * stride_v, mask=(offs < V) & valid, other=float("-inf"))
         x = x.to(tl.float32) * inv_temp
         # Online logsumexp: with m' = max(m, max(x_blk)),
         #   s' = s * exp(m - m') + sum(exp(x_blk - m')).
@@ -93,18 +75,69 @@ def _logprobs_fwd_kernel(
             sx = alpha * (sx + shift) + tl.sum(tl.where(e > 0, e * xm, 0.0), 0)
         s = s * alpha + tl.sum(e, 0)
         m = m_new
-
     lse = m + tl.log(s)
+    ent = tl.log(s) - sx / s
+    return lse, ent
+
+
+@triton.jit
+def write_row_grad(
+    row_ptr, out_ptr, V, stride_v, stride_gv,
+    lse, ent, dlogp, dent, label, inv_temp, valid,
+    HAS_DLOGP: tl.constexpr, HAS_DENT: tl.constexpr, MANUAL_RTNE: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Second pass over a row: ``out = inv_temp * (dlogp * (onehot(label) - p) - dent * p * (x - E))``
+    with ``p = exp(x - lse)``, ``E = lse - ent``; zeros when not ``valid`` (nothing is read)."""
+    cols = tl.arange(0, BLOCK_V)
+    big_e = lse - ent  # E = sum(p * x)
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        cmask = offs < V
+        x = tl.load(row_ptr + offs.to(tl.int64) * stride_v, mask=cmask & valid, other=0.0)
+        x = x.to(tl.float32) * inv_temp
+        p = tl.exp(x - lse)
+        g = tl.zeros([BLOCK_V], dtype=tl.float32)
+        if HAS_DLOGP:
+            g = tl.where(offs == label, dlogp, 0.0) - p * dlogp
+        if HAS_DENT:
+            g -= dent * tl.where(p > 0, p * (x - big_e), 0.0)  # p = 0 at x = -inf: no 0 * inf
+        g = tl.where(valid, g * inv_temp, 0.0)
+        if MANUAL_RTNE:
+            g = to_bf16_rtne(g)
+        tl.store(out_ptr + offs.to(tl.int64) * stride_gv, g.to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    # pointers
+    logits_ptr, labels_ptr, logp_ptr, ent_ptr, lse_ptr,
+    # sizes
+    T, V,
+    # strides (elements)
+    stride_lb, stride_lt, stride_lv,
+    # scalars
+    inv_temp, ignore_index,
+    # meta
+    HAS_LABELS: tl.constexpr, HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    row_ptr = logits_ptr + b * stride_lb + t * stride_lt
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        valid = label != ignore_index  # ignored rows read nothing: padding costs no bandwidth
+    else:
+        valid = True
+    lse, ent = row_lse_entropy(row_ptr, V, stride_lv, inv_temp, valid, HAS_ENTROPY, BLOCK_V)
     if HAS_LABELS:
         in_range = valid & (label >= 0) & (label < V)
         x_lab = tl.load(row_ptr + label * stride_lv, mask=in_range, other=0.0).to(tl.float32) * inv_temp
         tl.store(logp_ptr + row, tl.where(valid, x_lab - lse, 0.0))
         lse = tl.where(valid, lse, 0.0)
+        ent = tl.where(valid, ent, 0.0)
     tl.store(lse_ptr + row, lse)
     if HAS_ENTROPY:
-        ent = tl.log(s) - sx / s
-        if HAS_LABELS:
-            ent = tl.where(valid, ent, 0.0)
         tl.store(ent_ptr + row, ent)
 
 
@@ -126,9 +159,6 @@ def _logprobs_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row - b * T
-    row_ptr = logits_ptr + b * stride_lb + t * stride_lt
-    out_ptr = dlogits_ptr + b * stride_gb + t * stride_gt
-    cols = tl.arange(0, BLOCK_V)
     if HAS_LABELS:
         label = tl.load(labels_ptr + row).to(tl.int64)
         valid = label != ignore_index
@@ -136,29 +166,22 @@ def _logprobs_bwd_kernel(
         label = -1
         valid = True
     lse = tl.load(lse_ptr + row)
+    dlogp = 0.0
+    dent = 0.0
+    ent = 0.0
     if HAS_DLOGP:
-        dlogp = tl.where(valid, tl.load(dlogp_ptr + row), 0.0)
+        dlogp = tl.load(dlogp_ptr + row)
     if HAS_DENT:
-        dent = tl.where(valid, tl.load(dent_ptr + row), 0.0)
-        big_e = lse - tl.load(ent_ptr + row)  # E = sum(p * x)
-    for start in range(0, V, BLOCK_V):
-        offs = start + cols
-        cmask = offs < V
-        x = tl.load(row_ptr + offs.to(tl.int64) * stride_lv, mask=cmask & valid, other=0.0)
-        x = x.to(tl.float32) * inv_temp
-        p = tl.exp(x - lse)
-        g = tl.zeros([BLOCK_V], dtype=tl.float32)
-        if HAS_DLOGP:
-            g = tl.where(offs == label, dlogp, 0.0) - p * dlogp
-        if HAS_DENT:
-            g -= dent * tl.where(p > 0, p * (x - big_e), 0.0)  # p = 0 at x = -inf: no 0 * inf
-        g = tl.where(valid, g * inv_temp, 0.0)
-        if MANUAL_RTNE:
-            g = to_bf16_rtne(g)
-        tl.store(out_ptr + offs.to(tl.int64) * stride_gv, g.to(dlogits_ptr.dtype.element_ty), mask=cmask)
+        dent = tl.load(dent_ptr + row)
+        ent = tl.load(ent_ptr + row)
+    write_row_grad(
+        logits_ptr + b * stride_lb + t * stride_lt, dlogits_ptr + b * stride_gb + t * stride_gt,
+        V, stride_lv, stride_gv, lse, ent, dlogp, dent, label, inv_temp, valid,
+        HAS_DLOGP, HAS_DENT, MANUAL_RTNE, BLOCK_V,
+    )
 
 
-def _launch_config(V: int) -> Tuple[int, int]:
+def launch_config(V: int) -> Tuple[int, int]:
     cap = INTERPRET_BLOCK_V if triton_interpreted() else MAX_BLOCK_V
     block_v = min(cap, triton.next_power_of_2(V))
     num_warps = 8 if block_v >= 2048 else 4
@@ -181,7 +204,7 @@ def logprobs_forward(
     ent = torch.empty(N, dtype=dt, device=x3.device) if want_entropy else None  # [N]
     if N == 0:
         return logp, ent, lse
-    block_v, num_warps = _launch_config(V)
+    block_v, num_warps = launch_config(V)
     _logprobs_fwd_kernel[(N,)](
         x3, labels if labels is not None else lse, logp if logp is not None else lse,
         ent if ent is not None else lse, lse,
@@ -212,7 +235,7 @@ def logprobs_backward(
         return
     if dent is not None and ent is None:
         raise ValueError("an entropy gradient needs the saved entropy")
-    block_v, num_warps = _launch_config(V)
+    block_v, num_warps = launch_config(V)
     _logprobs_bwd_kernel[(N,)](
         x3, labels if labels is not None else lse, lse, ent if ent is not None else lse,
         dlogp if dlogp is not None else lse, dent if dent is not None else lse, out3,
