@@ -76,6 +76,8 @@ setup(
         # which numpy 2.4 turned into a TypeError.
         "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy<2.4"],
         "algos": ["transformers>=4.45", "tqdm", "matplotlib"],
+        # TRL is pure Python; its tests compare our drop-ins with its own functions and trainers.
+        "integrations": ["trl>=0.19"],
         "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
     },
     entry_points={"console_scripts": ["fastrlhf=fastrlhf.cli:main"]},
