@@ -1,0 +1,357 @@
+"""OpenRLHF drop-ins: OpenRLHF's logprob, entropy, KL, PPO and DPO losses with its signatures, on fastrlhf.
+
+Usage (in each Ray actor process, before the actor model / trainer is built)::
+
+    import fastrlhf.integrations.openrlhf as fr_orlhf
+    fr_orlhf.patch()
+
+Sources read (OpenRLHF 0.11.2, ``pip download openrlhf==0.11.2``; OpenRLHF/OpenRLHF on GitHub):
+``openrlhf/models/utils.py`` and ``openrlhf/models/loss.py``.
+
+- ``log_probs_from_logits(logits, labels, temperature=1.0)``: fastrlhf ``token_logprobs``; output
+  in the logits' dtype as OpenRLHF returns it. Difference: OpenRLHF divides the caller's logits
+  in place (``logits.div_(temperature)``); ours leaves them untouched (its own callers pass
+  already-scaled logits and temperature 1).
+- ``compute_entropy(logits)``: fastrlhf ``entropy``, logits' dtype.
+- ``compute_approx_kl(log_probs, log_probs_base, log_probs_old=None, kl_estimator="k1",
+  unbiased_gradient=False)``: ``fastrlhf.kl_estimate`` (k1/k2/k3 of ``log_probs - log_probs_base``
+  in fp32, clamped to [-10, 10]) plus OpenRLHF's straight-through unbiased-gradient option.
+- ``PolicyLoss`` (``nn.Module``, same constructor and ``forward`` -> ``(loss, clip_ratio, ppo_kl,
+  vllm_kl, is_filter_ratio)``): PPO-clip from ``fastrlhf.reference.ppo_clip_loss_from_logprobs``
+  (ratio clamp +-20, asymmetric clip, dual clip), ``token_level_loss`` aggregation, GSPO and the
+  train/rollout importance-sampling correction (token/seq level, mask/clip, ratio/binary_kl/tv).
+- ``DPOLoss(beta, label_smoothing=0.0, ipo=False)`` -> ``(loss, chosen_rewards, rejected_rewards)``:
+  ``fastrlhf.reference.dpo_loss_from_logprobs`` (sigmoid / cDPO label smoothing / IPO).
+
+Only the first two touch ``[N, V]`` logits; the rest is ``[N]``-sized (no memory saved) and is
+here so that every loss term of a patched run is fastrlhf's.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+from .. import ops
+from .. import reference as ref
+from ._patch import (
+    PatchHandle,
+    Target,
+    apply_patch,
+    check_params,
+    ensure_tensor,
+    param_names,
+    replace_with,
+    replace_with_class,
+)
+
+__all__ = [
+    "log_probs_from_logits",
+    "compute_entropy",
+    "compute_approx_kl",
+    "PolicyLoss",
+    "DPOLoss",
+    "patch",
+]
+
+# openrlhf/models/utils.py: IS weight cap of the unbiased KL gradient, and the KL value clamp.
+KL_IS_WEIGHT_CLIP = 10.0
+KL_CLAMP = (-10.0, 10.0)
+
+
+def log_probs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """OpenRLHF's ``log_probs_from_logits``: ``log_softmax(logits / temperature)[labels]``, logits' dtype.
+
+    One fastrlhf pass (``token_logprobs``; Triton on CUDA), computed in fp32 whatever the logits'
+    dtype; no ``[N, V]`` log-softmax. The logits are not modified (OpenRLHF 0.11.2 divides
+    them in place by ``temperature``).
+    """
+    ensure_tensor(logits, "logits")
+    return ops.token_logprobs(logits, labels, temperature=temperature).to(logits.dtype)
+
+
+def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """OpenRLHF's ``compute_entropy``: ``logsumexp(x) - sum(softmax(x) * x)`` per row, logits' dtype."""
+    ensure_tensor(logits, "logits")
+    return ops.entropy(logits).to(logits.dtype)
+
+
+def compute_approx_kl(
+    log_probs: torch.Tensor,
+    log_probs_base: torch.Tensor,
+    log_probs_old: Optional[torch.Tensor] = None,
+    kl_estimator: str = "k1",
+    unbiased_gradient: bool = False,
+) -> torch.Tensor:
+    """OpenRLHF's ``compute_approx_kl``: per-token KL(pi || pi_ref) estimate (Schulman 2020), fp32.
+
+    With ``l = log_probs - log_probs_base`` (fp32): ``k1 = l``, ``k2 = l^2 / 2``,
+    ``k3 = exp(-l) - 1 + l``; clamped to [-10, 10] (``fastrlhf.kl_estimate``). The k3 branch of
+    OpenRLHF clamps ``l >= -10`` before ``exp`` and fastrlhf clamps ``|l| <= 20``: both only
+    act where the final clamp already holds the value at 10 with zero gradient.
+    ``unbiased_gradient=True``: same value, gradient of ``w * l^2 / 2`` with the detached IS weight
+    ``w = min(exp(log_probs - log_probs_old), 10)`` (1 without ``log_probs_old``).
+    """
+    ensure_tensor(log_probs, "log_probs")
+    ensure_tensor(log_probs_base, "log_probs_base")
+    if kl_estimator not in ref.KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {ref.KL_ESTIMATORS}, got {kl_estimator!r}")
+    lp = log_probs.float()
+    base = log_probs_base.float()
+    value = ops.kl_estimate(lp, base, kl_estimator, clamp=KL_CLAMP)
+    if not unbiased_gradient:
+        return value
+    log_ratio = lp - base
+    if log_probs_old is None:
+        w = 1.0
+    else:
+        ensure_tensor(log_probs_old, "log_probs_old")
+        w = (lp - log_probs_old.float()).exp().clamp(max=KL_IS_WEIGHT_CLIP).detach()
+    surrogate = w * (log_ratio**2 / 2.0)
+    return value.detach() + surrogate - surrogate.detach()
+
+
+def _masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor], dim=None) -> torch.Tensor:
+    # openrlhf/models/utils.py::masked_mean
+    if mask is None:
+        return x.mean(dim=dim)
+    return (x * mask).sum(dim=dim) / mask.sum(dim=dim)
+
+
+class PolicyLoss(nn.Module):
+    """OpenRLHF's ``PolicyLoss`` (openrlhf/models/loss.py, 0.11.2): PPO-clip / GSPO with IS correction.
+
+    Constructor and ``forward(log_probs, old_log_probs, advantages, action_mask=None,
+    rollout_log_probs=None, dp_size=1, batch_num_tokens=None, global_batch_size=None)`` as
+    OpenRLHF; returns ``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)`` (the last two None
+    without IS correction). The per-token PPO math is fastrlhf's reference
+    (``ppo_clip_loss_from_logprobs``): ``ratio = exp(clamp(logp - old, -20, 20))``,
+    ``max(-A ratio, -A clamp(ratio, 1 - clip_eps_low, 1 + clip_eps_high))``, dual clip
+    ``min(., -A dual_clip)`` where ``A < 0`` (Ye et al. 2020). The IS-correction coefficient (a
+    detached weight >= 0) scales the advantages, which scales the per-token loss exactly
+    (PPO-clip is positively homogeneous in A). ``token_level_loss``: token-mean (else per-sequence
+    token-mean, mean over non-empty sequences), rescaled to the global batch by ``dp_size`` /
+    ``batch_num_tokens`` / ``global_batch_size``. GSPO (Zheng et al. 2025): one ratio per sequence,
+    ``exp(mean_t log ratio)``; fastrlhf's +-20 clamp of the log ratio applies to it as well.
+    """
+
+    def __init__(
+        self,
+        clip_eps_low: float = 0.2,
+        clip_eps_high: float = 0.2,
+        dual_clip: float = None,
+        token_level_loss: bool = True,
+        policy_loss_type: str = "ppo",
+        is_correction_level: str = "off",
+        is_correction_mode: str = "mask",
+        is_correction_gating: str = "ratio",
+        is_correction_threshold: list = (0.5, 5.0),
+    ) -> None:
+        super().__init__()
+        if policy_loss_type not in ("ppo", "gspo"):
+            raise ValueError(f"policy_loss_type must be 'ppo' or 'gspo', got {policy_loss_type!r}")
+        if dual_clip is not None and not dual_clip > 1.0:
+            raise ValueError(f"dual_clip must be > 1.0, got {dual_clip}")
+        if is_correction_level not in {"off", "token", "seq"}:
+            raise ValueError(f"is_correction_level must be off/token/seq, got {is_correction_level}")
+        if is_correction_mode not in {"mask", "clip"}:
+            raise ValueError(f"is_correction_mode must be mask/clip, got {is_correction_mode}")
+        if is_correction_gating not in {"ratio", "binary_kl", "tv"}:
+            raise ValueError(f"is_correction_gating must be ratio/binary_kl/tv, got {is_correction_gating}")
+        if is_correction_mode == "clip" and (is_correction_level == "seq" or is_correction_gating != "ratio"):
+            raise ValueError(
+                "is_correction_mode=clip requires is_correction_level=token and is_correction_gating=ratio"
+            )
+        if is_correction_gating != "ratio" and is_correction_level != "off" and is_correction_threshold[0] > 0:
+            raise ValueError(f"is_correction_gating={is_correction_gating} takes an upper bound only (a single delta)")
+        self.clip_eps_low = clip_eps_low
+        self.clip_eps_high = clip_eps_high
+        self.dual_clip = dual_clip
+        # GSPO's loss is per sequence (OpenRLHF forces it).
+        self.token_level_loss = False if policy_loss_type == "gspo" else token_level_loss
+        self.policy_loss_type = policy_loss_type
+        self.is_correction_level = is_correction_level
+        self.is_correction_mode = is_correction_mode
+        self.is_correction_gating = is_correction_gating
+        self.is_correction_threshold = is_correction_threshold
+
+    def _is_correction(self, old_log_probs, rollout_log_probs, action_mask):
+        """Train/rollout mismatch weight (detached) per token, filtered units, vllm_kl, filter ratio."""
+        if rollout_log_probs is None:
+            raise ValueError("rollout_log_probs is required when is_correction_level != 'off'")
+        low, high = self.is_correction_threshold
+        seq_level = self.is_correction_level == "seq"
+        is_log_ratio = (old_log_probs - rollout_log_probs).detach()  # log(pi_train / pi_rollout)
+        token_is = is_log_ratio.exp()
+        if self.is_correction_gating == "ratio":
+            stat = _masked_mean(is_log_ratio, action_mask, dim=-1).unsqueeze(-1) if seq_level else is_log_ratio
+            stat = stat.exp()
+        else:
+            p = rollout_log_probs.exp().clamp(1e-6, 1 - 1e-6)
+            q = old_log_probs.exp().clamp(1e-6, 1 - 1e-6)
+            if self.is_correction_gating == "binary_kl":
+                stat = p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
+            else:
+                stat = (p - q).abs()
+            if seq_level:
+                stat = _masked_mean(stat, action_mask, dim=-1).unsqueeze(-1)
+        if self.is_correction_mode == "clip":
+            coef = stat.clamp(min=low, max=high)
+            filtered = (stat < low) | (stat > high)
+        else:
+            keep = (stat >= low) & (stat <= high)
+            coef = torch.where(keep, token_is, 0.0)
+            filtered = ~keep
+        if seq_level:
+            filter_ratio = filtered.float().mean()
+        else:
+            filter_ratio = _masked_mean(filtered.float(), action_mask, dim=None)
+        vllm_kl = _masked_mean(rollout_log_probs - old_log_probs, action_mask, dim=None)
+        return coef.detach(), vllm_kl, filter_ratio
+
+    def forward(
+        self,
+        log_probs: torch.Tensor,
+        old_log_probs: torch.Tensor,
+        advantages: torch.Tensor,
+        action_mask: Optional[torch.Tensor] = None,
+        rollout_log_probs: Optional[torch.Tensor] = None,
+        dp_size: int = 1,
+        batch_num_tokens: Optional[float] = None,
+        global_batch_size: Optional[float] = None,
+    ):
+        for name, t in (("log_probs", log_probs), ("old_log_probs", old_log_probs), ("advantages", advantages)):
+            ensure_tensor(t, name)
+        raw_log_ratio = log_probs - old_log_probs
+        mask = torch.ones_like(log_probs) if action_mask is None else action_mask
+        m = ref.as_batch_time(mask).to(log_probs.dtype)  # [B, T]
+        lp = ref.as_batch_time(log_probs)
+        old = ref.as_batch_time(old_log_probs)
+        A = ref.as_batch_time(advantages).to(lp.dtype)
+        correcting = self.is_correction_level != "off"
+
+        if self.policy_loss_type == "gspo":
+            log_ratio = lp - ref.as_batch_time(rollout_log_probs) if correcting else lp - old
+            seq = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)  # [B, 1]
+            # One ratio per sequence, fed through the same PPO math as (logp, old) = (seq, 0).
+            lp_in, old_in = seq.expand_as(lp), torch.zeros_like(lp)
+        else:
+            lp_in, old_in = lp, old
+
+        scale = torch.ones_like(A)
+        vllm_kl = filter_ratio = None
+        if correcting and self.policy_loss_type == "ppo":
+            coef, vllm_kl, filter_ratio = self._is_correction(
+                old_log_probs, rollout_log_probs, action_mask
+            )
+            scale = ref.as_batch_time(coef.expand_as(log_probs)).to(lp.dtype)
+
+        # Aggregation weights per token (OpenRLHF's aggregate_loss) folded into the advantages,
+        # then summed: sum_t pg(A_t) * s_t = sum_t pg(s_t * A_t) for s_t >= 0.
+        if self.token_level_loss:
+            denom = m.sum() if batch_num_tokens is None else batch_num_tokens / dp_size
+            s = m / denom
+        else:
+            counts = m.sum(-1, keepdim=True)  # [B, 1]
+            n_seq = (counts > 0).float().sum() if global_batch_size is None else global_batch_size / dp_size
+            s = m / (counts + 1e-8) * (counts > 0).to(m.dtype) / n_seq
+        loss, _ = ref.ppo_clip_loss_from_logprobs(
+            lp_in.reshape(1, -1), m.bool().to(lp.dtype).reshape(1, -1), old_in.reshape(1, -1),
+            (A * scale * s).reshape(1, -1), clip_low=self.clip_eps_low, clip_high=self.clip_eps_high,
+            dual_clip=self.dual_clip, loss_agg="seq-mean-token-sum",
+        )
+        with torch.no_grad():
+            ratio = torch.exp(torch.clamp(lp_in - old_in, -20.0, 20.0))
+            if self.policy_loss_type == "gspo":
+                ratio = ratio * m
+            surr1 = ratio * A
+            surr2 = ratio.clamp(1 - self.clip_eps_low, 1 + self.clip_eps_high) * A
+            clip_ratio = _masked_mean(torch.lt(surr2, surr1).float(), None if action_mask is None else m)
+            ppo_kl = _masked_mean(-raw_log_ratio.detach(), action_mask)
+        return loss, clip_ratio, ppo_kl, vllm_kl, filter_ratio
+
+
+class DPOLoss(nn.Module):
+    """OpenRLHF's ``DPOLoss`` (Rafailov et al. 2023; cDPO label smoothing; IPO, Azar et al. 2023).
+
+    ``forward(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+    reference_rejected_logps)`` (all ``[B]``) -> ``(loss, chosen_rewards, rejected_rewards)`` with
+    ``loss`` from ``fastrlhf.reference.dpo_loss_from_logprobs`` (mean over pairs) and the rewards
+    ``beta * (policy - reference)`` per pair, detached.
+    """
+
+    def __init__(self, beta: float, label_smoothing: float = 0.0, ipo: bool = False) -> None:
+        super().__init__()
+        if not beta > 0:
+            raise ValueError(f"beta must be > 0, got {beta}")
+        self.beta = beta
+        self.label_smoothing = label_smoothing
+        self.ipo = ipo
+
+    def forward(
+        self,
+        policy_chosen_logps: torch.Tensor,
+        policy_rejected_logps: torch.Tensor,
+        reference_chosen_logps: torch.Tensor,
+        reference_rejected_logps: torch.Tensor,
+    ):
+        for name, t in (("policy_chosen_logps", policy_chosen_logps), ("policy_rejected_logps", policy_rejected_logps),
+                        ("reference_chosen_logps", reference_chosen_logps),
+                        ("reference_rejected_logps", reference_rejected_logps)):
+            ensure_tensor(t, name)
+            if t.shape != policy_chosen_logps.shape:
+                raise ValueError(
+                    f"{name} must have the shape of policy_chosen_logps {tuple(policy_chosen_logps.shape)}, "
+                    f"got {tuple(t.shape)}"
+                )
+        loss, _ = ref.dpo_loss_from_logprobs(
+            policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+            beta=self.beta, loss_type="ipo" if self.ipo else "sigmoid", label_smoothing=self.label_smoothing,
+        )
+        chosen_rewards = self.beta * (policy_chosen_logps - reference_chosen_logps).detach()
+        rejected_rewards = self.beta * (policy_rejected_logps - reference_rejected_logps).detach()
+        return loss, chosen_rewards, rejected_rewards
+
+
+def patch(module: Union[str, types.ModuleType, None] = None) -> PatchHandle:
+    """Replace OpenRLHF's logprob/entropy/KL functions and PolicyLoss/DPOLoss by this module's.
+
+    Rewrites every loaded ``openrlhf.*`` module holding them by name (``openrlhf.models``,
+    ``openrlhf.models.actor``, ``openrlhf.trainer.ray.ppo_actor``, ...). Call before the actor
+    and trainer are built, in each Ray actor process. Returns a handle (``undo()``, context
+    manager). Targets missing from, or with another signature in, the installed OpenRLHF are
+    skipped with an ``IntegrationWarning``.
+
+    Args:
+        module: ``"openrlhf"`` (default), another package name, or a module (stand-in trees in
+            tests). ``ImportError`` if it cannot be imported.
+    """
+    mu, ml = "models.utils", "models.loss"
+    targets = [
+        Target(mu, "log_probs_from_logits", replace_with(log_probs_from_logits),
+               check_params(["logits", "labels", "temperature"])),
+        Target(mu, "compute_entropy", replace_with(compute_entropy), check_params(["logits"])),
+        Target(mu, "compute_approx_kl", replace_with(compute_approx_kl),
+               check_params(["log_probs", "log_probs_base", "log_probs_old", "kl_estimator", "unbiased_gradient"])),
+        Target(ml, "PolicyLoss", replace_with_class(PolicyLoss), _check_module_class(PolicyLoss)),
+        Target(ml, "DPOLoss", replace_with_class(DPOLoss), _check_module_class(DPOLoss)),
+    ]
+    return apply_patch("openrlhf" if module is None else module, targets, label="OpenRLHF",
+                       install_hint="pip install openrlhf", caller="fastrlhf.integrations.openrlhf")
+
+
+def _check_module_class(ours: type):
+    """Both the constructor and ``forward`` of the installed class must take exactly our parameters."""
+    init_check = check_params(param_names(ours.__init__, skip_first=True), exact=True, skip_first=True,
+                              attr="__init__")
+    fwd_check = check_params(param_names(ours.forward, skip_first=True), exact=True, skip_first=True,
+                             attr="forward")
+
+    def check(original):
+        return init_check(original) or fwd_check(original)
+
+    return check
+
