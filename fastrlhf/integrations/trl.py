@@ -102,17 +102,50 @@ def _labels(index: torch.Tensor, row_mask: Optional[torch.Tensor]) -> torch.Tens
     return index if row_mask is None else index.masked_fill(row_mask == 0, _IGNORE)
 
 
-def _k_logprobs(logits: torch.Tensor, index: torch.Tensor, temperature: float) -> torch.Tensor:
+class _GatherK(torch.autograd.Function):
     """``log_softmax(x / T)`` gathered at ``K`` indices per row (``index [..., K]``), fp32.
 
-    One fastrlhf pass gives ``logp_0 = x[i_0] / T - lse`` (the logsumexp once per row, not K
-    times); the other K - 1 follow from ``logp_k = logp_0 + (x[i_k] - x[i_0]) / T``, an
-    ``[..., K]`` gather. Gradient: ``onehot(i_k) - p``, as the naive log_softmax -> gather.
+    Forward: one fastrlhf pass for the first index gives ``lse = x[i_0] / T - logp_0`` (the
+    logsumexp once per row, not K times); ``logp_k = x[i_k] / T - lse`` is an ``[..., K]`` gather.
+    Backward: ``d/dx = (sum_k g_k onehot(i_k) - G p) / T`` with ``G = sum_k g_k``: fastrlhf's
+    backward of that first pass with upstream ``G`` writes ``G (onehot(i_0) - p) / T`` (rounded
+    once to the logits' dtype), then the ``K`` gathered entries are overwritten with their exact
+    value, computed in fp32 and rounded once. Adding a separately rounded sparse correction
+    instead would cancel ``G (1 - p) - G`` in bf16 at ``i_0`` (errors up to 4x the rounding).
     """
-    lead = index[..., 0]
-    logp0 = ops.token_logprobs(logits, lead, temperature=temperature)  # [...]
-    picked = logits.gather(-1, index.long()).float()  # [..., K]
-    return logp0.unsqueeze(-1) + (picked - picked[..., :1]) / temperature
+
+    @staticmethod
+    def forward(ctx, logits, index, temperature):
+        idx = index.long()
+        with torch.enable_grad():  # keep the fastrlhf graph: its backward is reused below
+            x = logits.detach().requires_grad_(logits.requires_grad)
+            logp0 = ops.token_logprobs(x, idx[..., 0], temperature=temperature)  # [...] fp32
+        picked = logits.gather(-1, idx).float()  # [..., K]
+        lse = picked[..., 0] / temperature - logp0.detach()  # [...]
+        ctx.graph = (x, logp0)
+        ctx.save_for_backward(logits, idx, lse)
+        ctx.temperature = temperature
+        return picked / temperature - lse.unsqueeze(-1)
+
+    @staticmethod
+    def backward(ctx, g):
+        logits, idx, lse = ctx.saved_tensors
+        x, logp0 = ctx.graph
+        T = ctx.temperature
+        g = g.float()
+        G = g.sum(-1)  # [...]
+        (dlogits,) = torch.autograd.grad(logp0, x, G)  # G (onehot(i_0) - p) / T, logits' dtype
+        p = torch.exp(logits.gather(-1, idx).float() / T - lse.unsqueeze(-1))  # [..., K]
+        same = (idx.unsqueeze(-1) == idx.unsqueeze(-2)).float()  # [..., K, K]: repeated indices
+        exact = ((same * g.unsqueeze(-2)).sum(-1) - G.unsqueeze(-1) * p) / T  # [..., K]
+        dlogits.scatter_(-1, idx, exact.to(dlogits.dtype))
+        ctx.graph = None
+        return dlogits, None, None
+
+
+def _k_logprobs(logits: torch.Tensor, index: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``log_softmax(logits / T)`` at ``index [..., K]``, fp32 (see :class:`_GatherK`)."""
+    return _GatherK.apply(logits, index, temperature)
 
 
 def selective_log_softmax(
