@@ -1,0 +1,163 @@
+"""GRPO (Shao et al. 2024, "DeepSeekMath", sec. 4.1) on a transformers causal LM.
+
+One step: sample ``G`` completions for each of ``prompts_per_step`` prompts, score them with
+the user's reward function, turn rewards into group advantages, then run
+``num_inner_epochs`` passes of PPO-clip updates that reuse the logprobs of the sampling policy.
+
+Implementation choices (and where they come from):
+
+1. Outcome supervision: one scalar reward per completion, advantage
+   ``(r - mean_group) / (std_group + eps)`` broadcast to every token (GRPO eq. 3;
+   ``fastrlhf.group_advantages``). ``scale_rewards="none"`` only centres (Dr. GRPO, Liu et al. 2025).
+2. KL to the frozen reference as a loss term with the k3 estimator and coefficient ``beta``
+   (GRPO eq. 4; Schulman 2020), not as a reward penalty; ``beta=0`` drops the reference
+   model entirely (DAPO, Yu et al. 2025).
+3. PPO-clip on the likelihood ratio against the sampling policy's logprobs, with
+   clip-higher: ``clip_high > clip_low`` (DAPO's 0.2 / 0.28) keeps low-probability tokens
+   explorable.
+4. Old logprobs are recomputed by a no-grad forward right after sampling (verl, TRL),
+   at the sampling temperature (logits / T, verl), rather than taken from ``generate``'s scores.
+5. ``num_inner_epochs`` (GRPO's mu) passes over the rollout, reshuffled each pass, each split
+   into updates of ``micro_batch_size * gradient_accumulation_steps`` sequences (TRL's
+   ``num_iterations``, verl's ``ppo_epochs``).
+6. Loss aggregation ``loss_agg``: "token-mean" by default (DAPO, verl's default);
+   "seq-mean-token-mean" is the paper's; "seq-mean-token-sum-norm" is Dr. GRPO's.
+7. Sampling in ``eval()`` mode with ``top_k=0, top_p=1`` so the sampling distribution is the
+   one the loss scores (verl).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+
+import fastrlhf
+
+from .common import RewardFn, TrainConfig, Trainer, call_reward_fn, encode_prompt, micro_batches, pack_sequences
+from .data import prompt_text
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    """GRPO hyper-parameters (defaults follow TRL / verl / DAPO where they agree)."""
+
+    prompts_per_step: int = 16
+    """Prompts sampled per rollout step."""
+    group_size: int = 8
+    """G: completions sampled per prompt."""
+    max_new_tokens: int = 64
+    """Longest completion sampled."""
+    temperature: float = 1.0
+    """Sampling temperature; logprobs are scored at the same temperature."""
+    beta: float = 0.04
+    """Coefficient of the k3 KL to the reference (0: no reference model)."""
+    clip_low: float = 0.2
+    """PPO clip range below 1 (ratio >= 1 - clip_low)."""
+    clip_high: float = 0.28
+    """PPO clip range above 1 (DAPO clip-higher; = clip_low for symmetric PPO)."""
+    num_inner_epochs: int = 2
+    """Passes over each rollout (GRPO's mu), reusing its old logprobs."""
+    loss_agg: str = "token-mean"
+    """token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm."""
+    scale_rewards: str = "group"
+    """group: divide by the group's std; none: only centre (Dr. GRPO)."""
+    micro_batch_size: int = 32
+    """Sequences per forward/backward pass."""
+    gradient_accumulation_steps: int = 4
+    """Micro-batches per optimizer update."""
+    lr: float = 1e-5
+    """AdamW learning rate."""
+
+
+class GRPO(Trainer):
+    """Group Relative Policy Optimization of ``model``, rewarded by ``reward_fn``.
+
+    ``reward_fn(prompts=, completions=, completion_ids=, **columns) -> [float]`` (TRL's call).
+
+    ``dataset``: rows with a ``"prompt"`` string (TRL's prompt-only format); other columns
+    (e.g. ``"answer"``) are passed to ``reward_fn`` as keyword lists.
+    """
+
+    name = "grpo"
+
+    def __init__(self, model, tokenizer, dataset: Sequence[Mapping[str, Any]], reward_fn: RewardFn,
+                 config: Optional[GRPOConfig] = None):
+        config = config or GRPOConfig()
+        if config.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {config.group_size}")
+        if config.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {config.beta}")
+        rollout = config.prompts_per_step * config.group_size
+        update = config.micro_batch_size * config.gradient_accumulation_steps
+        if rollout % update:
+            raise ValueError(
+                f"prompts_per_step * group_size = {rollout} must be a multiple of "
+                f"micro_batch_size * gradient_accumulation_steps = {update}"
+            )
+        if not callable(reward_fn):
+            raise TypeError("reward_fn must be callable")
+        self.needs_reference = config.beta > 0
+        super().__init__(model, tokenizer, config, dataset)
+        self.reward_fn = reward_fn
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.config.prompts_per_step
+
+    def train_step(self, rows: List[Mapping[str, Any]]) -> Dict[str, float]:
+        c, G = self.config, self.config.group_size
+        # 1. Rollout: G samples per prompt, scored by the reward function.
+        prompts = [prompt_text(r, self.tokenizer) for r in rows]
+        prompt_ids = [encode_prompt(self.tokenizer, p) for p in prompts]
+        completions = self.generate(prompt_ids, num_samples=G, max_new_tokens=c.max_new_tokens,
+                                    temperature=c.temperature)
+        group_rows = [r for r in rows for _ in range(G)]
+        batch = pack_sequences([p for p in prompt_ids for _ in range(G)], completions, self.pad_id, self.device)
+        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        rewards = call_reward_fn(self.reward_fn, [p for p in prompts for _ in range(G)], texts, completions,
+                                 group_rows, self.device)  # [B * G]
+        advantages = fastrlhf.group_advantages(rewards, G, scale=c.scale_rewards)  # [B * G]
+
+        # 2. Logprobs of the sampling policy and of the reference, once per rollout.
+        old_logp = self.completion_logprobs(self.model, batch, c.temperature)  # [B * G, R]
+        ref_logp = None
+        if c.beta > 0:
+            with self.reference() as ref:
+                ref_logp = self.completion_logprobs(ref, batch, c.temperature)
+
+        # 3. num_inner_epochs passes of clipped updates.
+        n, accum = len(batch), c.gradient_accumulation_steps
+        sums: Dict[str, float] = {}
+        count = 0
+        for _ in range(c.num_inner_epochs):
+            order = torch.randperm(n).to(self.device)
+            for k, sl in enumerate(micro_batches(n, c.micro_batch_size)):
+                idx = order[sl]
+                mb = batch.select(idx)
+                with self.autocast():
+                    hidden = self.completion_hidden(self.model, mb)  # [b, R, H]
+                    loss, stats = self.op(
+                        "grpo_loss", hidden, mb.labels, old_logp[idx], advantages[idx],
+                        None if ref_logp is None else ref_logp[idx],
+                        beta=c.beta, clip_low=c.clip_low, clip_high=c.clip_high, loss_agg=c.loss_agg,
+                        temperature=c.temperature, compute_entropy=True,
+                    )
+                (loss / accum).backward()
+                for key, v in {"loss": loss.detach(), **stats}.items():
+                    sums[key] = sums.get(key, 0.0) + float(v)
+                count += 1
+                if (k + 1) % accum == 0:
+                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + self.optimizer_step() * accum
+
+        out = {k: v / count for k, v in sums.items() if k != "num_tokens"}
+        groups = rewards.view(-1, G)
+        out.update(
+            reward=float(rewards.mean()),
+            reward_std=float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            frac_zero_std_groups=float((groups.std(-1) == 0).float().mean()),
+            completion_len=float(batch.completion_mask.sum(-1).float().mean()),
+            tokens=float(batch.attention_mask.sum()),
+        )
+        return out

@@ -1,0 +1,276 @@
+"""PPO for language models (Ouyang et al. 2022; Ziegler et al. 2019) with an actor and a critic.
+
+One step: sample a completion per prompt, score it (a reward function or a reward model),
+build per-token rewards with a KL penalty to the reference, estimate advantages with GAE
+from the critic's values, then run ``ppo_epochs`` passes of clipped actor and critic updates.
+
+Implementation choices (numbers refer to CleanRL's "The 37 Implementation Details of PPO",
+Huang et al. 2022; TRL's ``PPOTrainer`` and verl where they add LLM-specific ones):
+
+1. Critic = a copy of the policy's decoder stack with a scalar head on the last hidden state
+   (TRL initialises it from the reward model; we copy the policy, as OpenRLHF can); the head
+   starts at zero, so the first values are 0 and the first advantages are pure returns.
+   Values are read at the same positions as the logits that score each completion token.
+2. Sequence-level score on the last completion token; per-token reward ``-kl_coef * k1``
+   with ``k1 = logp - ref_logp`` (Ziegler et al. 2019, TRL's ``kl_estimator="k1"``) when
+   ``kl_penalty="reward"``; ``kl_penalty="loss"`` instead adds ``kl_coef * k3`` to the loss
+   (GRPO-style, verl's ``use_kl_loss``).
+3. GAE (detail 5; Schulman et al. 2016) with ``gamma=1, lam=0.95`` (TRL), over the
+   completion tokens only (``fastrlhf.gae``).
+4. Advantage whitening over the whole rollout (detail 7; TRL whitens per batch, CleanRL per
+   minibatch), masked to completion tokens.
+5. Clipped surrogate objective (detail 8) through ``fastrlhf.ppo_clip_loss``.
+6. Value-function loss clipping (detail 9): ``0.5 * max((V - R)^2, (V_clip - R)^2)`` with
+   ``V_clip = V_old + clamp(V - V_old, -cliprange_value, cliprange_value)``.
+7. One optimizer over actor and critic, loss ``pg + vf_coef * vf`` (detail 10; TRL's
+   ``PolicyAndValueWrapper``), global gradient clipping (detail 11).
+8. Several epochs over shuffled minibatches (details 6, "mini-batch updates"), each
+   ``micro_batch_size * gradient_accumulation_steps`` sequences.
+9. No entropy bonus by default (``entropy_coef=0``, TRL and verl for LLMs; CleanRL uses 0.01
+   for Atari); the entropy is still logged.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+import fastrlhf
+
+from .common import (
+    RewardFn,
+    TrainConfig,
+    Trainer,
+    apply_lora,
+    call_reward_fn,
+    encode_prompt,
+    forward_hidden,
+    micro_batches,
+    pack_sequences,
+    reward_model_fn,
+    unwrap_model,
+)
+from .data import prompt_text
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    """PPO hyper-parameters (defaults follow TRL's PPOConfig unless noted)."""
+
+    prompts_per_step: int = 64
+    """Prompts sampled per rollout step."""
+    samples_per_prompt: int = 1
+    """Completions sampled per prompt."""
+    max_new_tokens: int = 64
+    """Longest completion sampled."""
+    temperature: float = 1.0
+    """Sampling temperature; logprobs are scored at the same temperature."""
+    kl_coef: float = 0.05
+    """KL coefficient (per-token penalty in the reward, or loss term; see kl_penalty)."""
+    kl_penalty: str = "reward"
+    """reward: -kl_coef * k1 added to each token's reward; loss: kl_coef * k3 added to the loss."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    clip_low: float = 0.2
+    """Policy ratio clip below 1."""
+    clip_high: Optional[float] = None
+    """Policy ratio clip above 1 (None: = clip_low)."""
+    cliprange_value: float = 0.2
+    """Value clipping range around the rollout's values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight."""
+    whiten_advantages: bool = True
+    """Normalise advantages to zero mean, unit variance over the rollout's completion tokens."""
+    ppo_epochs: int = 4
+    """Passes over each rollout."""
+    loss_agg: str = "token-mean"
+    """Aggregation of the policy loss over tokens (see fastrlhf.ppo_clip_loss)."""
+    micro_batch_size: int = 32
+    """Sequences per forward/backward pass."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer update."""
+    lr: float = 1e-5
+    """AdamW learning rate (actor and critic)."""
+
+
+class ValueModel(nn.Module):
+    """Critic: a decoder stack and a scalar head ``[H] -> 1`` on its last hidden state."""
+
+    def __init__(self, decoder: nn.Module, hidden_size: int):
+        super().__init__()
+        self.decoder = decoder
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_policy(cls, policy) -> ValueModel:
+        base = unwrap_model(policy)
+        return cls(copy.deepcopy(base.get_decoder()), base.config.hidden_size)
+
+    def get_decoder(self):
+        return self.decoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = forward_hidden(self, input_ids, attention_mask)  # [B, L, H]
+        return self.head(hidden).squeeze(-1).float()  # [B, L]
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``(x - mean) / std`` over the tokens where ``mask`` (unbiased std, as TRL); 0 elsewhere."""
+    m = mask.to(x.dtype)
+    n = m.sum().clamp_min(1.0)
+    mean = (x * m).sum() / n
+    var = (((x - mean) * m) ** 2).sum() / (n - 1).clamp_min(1.0)
+    return (x - mean) * torch.rsqrt(var + eps) * m
+
+
+def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return (x * m).sum() / m.sum().clamp_min(1.0)
+
+
+class PPO(Trainer):
+    """PPO of ``model`` (actor) with a critic, rewarded by ``reward_fn`` or ``reward_model``.
+
+    ``dataset``: prompt-only rows (see :class:`fastrlhf.algos.GRPO`). ``reward_model``: a
+    sequence-classification model scoring ``prompt + completion`` (its logit 0). ``critic``:
+    optional module ``(input_ids, attention_mask) -> values [B, L]``; by default
+    :meth:`ValueModel.from_policy`.
+    """
+
+    name = "ppo"
+
+    def __init__(self, model, tokenizer, dataset: Sequence[Mapping[str, Any]], reward_fn: Optional[RewardFn] = None,
+                 config: Optional[PPOConfig] = None, *, reward_model=None, reward_tokenizer=None,
+                 critic: Optional[nn.Module] = None):
+        config = config or PPOConfig()
+        if (reward_fn is None) == (reward_model is None):
+            raise ValueError("pass exactly one of reward_fn and reward_model")
+        if config.kl_penalty not in ("reward", "loss"):
+            raise ValueError(f"kl_penalty must be 'reward' or 'loss', got {config.kl_penalty!r}")
+        if config.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {config.kl_coef}")
+        rollout = config.prompts_per_step * config.samples_per_prompt
+        update = config.micro_batch_size * config.gradient_accumulation_steps
+        if rollout % update:
+            raise ValueError(
+                f"prompts_per_step * samples_per_prompt = {rollout} must be a multiple of "
+                f"micro_batch_size * gradient_accumulation_steps = {update}"
+            )
+        self.needs_reference = config.kl_coef > 0
+        if critic is None:
+            critic = ValueModel.from_policy(model)
+            # with LoRA the critic's decoder gets adapters too; its head stays fully trainable
+            critic.decoder = apply_lora(critic.decoder, config, task_type=None)
+        super().__init__(model, tokenizer, config, dataset)
+        self.critic = critic.to(self.device).train()
+        if reward_model is not None:
+            reward_fn = reward_model_fn(reward_model, reward_tokenizer or tokenizer)
+        self.reward_fn = reward_fn
+
+    def trainable_modules(self) -> Dict[str, nn.Module]:
+        return {"policy": self.model, "critic": self.critic}
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.config.prompts_per_step
+
+    def completion_values(self, batch) -> torch.Tensor:
+        """Critic values ``[B, R]`` at the positions that predict each completion token."""
+        P, R = batch.prompt_len, batch.labels.shape[1]
+        return self.critic(batch.input_ids, batch.attention_mask)[:, P - 1 : P - 1 + R]
+
+    def train_step(self, rows: List[Mapping[str, Any]]) -> Dict[str, float]:
+        c, S = self.config, self.config.samples_per_prompt
+        # 1. Rollout and its score.
+        prompts = [prompt_text(r, self.tokenizer) for r in rows]
+        prompt_ids = [encode_prompt(self.tokenizer, p) for p in prompts]
+        completions = self.generate(prompt_ids, num_samples=S, max_new_tokens=c.max_new_tokens,
+                                    temperature=c.temperature)
+        all_rows = [r for r in rows for _ in range(S)]
+        batch = pack_sequences([p for p in prompt_ids for _ in range(S)], completions, self.pad_id, self.device)
+        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        scores = call_reward_fn(self.reward_fn, [p for p in prompts for _ in range(S)], texts, completions,
+                                all_rows, self.device)  # [B]
+        mask = batch.completion_mask.float()  # [B, R]
+
+        # 2. Logprobs, reference logprobs and values of the rollout, no grad.
+        old_logp = self.completion_logprobs(self.model, batch, c.temperature)  # [B, R]
+        ref_logp = None
+        if c.kl_coef > 0:
+            with self.reference() as ref:
+                ref_logp = self.completion_logprobs(ref, batch, c.temperature)
+        with torch.no_grad():
+            old_values = torch.cat([
+                self.completion_values(batch.select(sl)) for sl in micro_batches(len(batch), c.micro_batch_size)
+            ]) * mask  # [B, R]
+
+            # 3. Per-token rewards: KL penalty on every token, the score on the last one.
+            rewards = torch.zeros_like(old_logp)
+            kl_k1 = torch.zeros_like(old_logp)
+            if ref_logp is not None:
+                kl_k1 = fastrlhf.kl_estimate(old_logp, ref_logp, "k1") * mask
+                if c.kl_penalty == "reward":
+                    rewards = rewards - c.kl_coef * kl_k1
+            last = (mask.sum(-1).long() - 1).clamp_min(0)  # [B] index of the last completion token
+            rewards[torch.arange(len(batch), device=self.device), last] += scores
+            advantages, returns = fastrlhf.gae(rewards, old_values, mask, gamma=c.gamma, lam=c.lam)
+            if c.whiten_advantages:
+                advantages = masked_whiten(advantages, mask)
+
+        # 4. ppo_epochs passes of clipped actor + critic updates.
+        n, accum = len(batch), c.gradient_accumulation_steps
+        kl_loss = c.kl_penalty == "loss" and c.kl_coef > 0
+        sums: Dict[str, float] = {}
+        count = 0
+        for _ in range(c.ppo_epochs):
+            order = torch.randperm(n).to(self.device)
+            for k, sl in enumerate(micro_batches(n, c.micro_batch_size)):
+                idx = order[sl]
+                mb, m = batch.select(idx), mask[idx]
+                with self.autocast():
+                    hidden = self.completion_hidden(self.model, mb)  # [b, R, H]
+                    pg_loss, stats = self.op(
+                        "ppo_clip_loss", hidden, mb.labels, old_logp[idx], advantages[idx],
+                        clip_low=c.clip_low, clip_high=c.clip_high, entropy_coef=c.entropy_coef,
+                        ref_logprobs=ref_logp[idx] if kl_loss else None, kl_coef=c.kl_coef if kl_loss else 0.0,
+                        kl_estimator="k3", temperature=c.temperature, loss_agg=c.loss_agg, compute_entropy=True,
+                    )
+                    values = self.completion_values(mb)  # [b, R]
+                old_v, ret = old_values[idx], returns[idx]
+                v_clipped = old_v + (values - old_v).clamp(-c.cliprange_value, c.cliprange_value)
+                vf_losses = torch.maximum((values - ret) ** 2, (v_clipped - ret) ** 2)
+                vf_loss = 0.5 * _masked_mean(vf_losses, m)
+                loss = pg_loss + c.vf_coef * vf_loss
+                (loss / accum).backward()
+                with torch.no_grad():
+                    vf_clipfrac = _masked_mean(((v_clipped - ret) ** 2 > (values - ret) ** 2).float(), m)
+                    mb_stats = {"loss": loss.detach(), "pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(),
+                                "vf_clipfrac": vf_clipfrac,
+                                **{("kl_loss" if key == "kl" else key): v for key, v in stats.items()}}
+                for key, v in mb_stats.items():
+                    sums[key] = sums.get(key, 0.0) + float(v)
+                count += 1
+                if (k + 1) % accum == 0:
+                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + self.optimizer_step() * accum
+
+        out = {k: v / count for k, v in sums.items() if k != "num_tokens"}
+        seq_kl = kl_k1.sum(-1)  # [B] k1 estimate of KL(policy || ref) per completion
+        out.update(
+            reward=float(scores.mean()),
+            kl=float(seq_kl.mean()),
+            non_score_reward=float((rewards.sum(-1) - scores).mean()),
+            value_mean=float(_masked_mean(old_values, mask)),
+            returns_mean=float(_masked_mean(returns, mask)),
+            completion_len=float(mask.sum(-1).mean()),
+            tokens=float(batch.attention_mask.sum()),
+        )
+        return out

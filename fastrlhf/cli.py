@@ -1,0 +1,366 @@
+"""Command line: ``fastrlhf train {dpo,grpo,ppo}`` (the main job) and ``fastrlhf bench ...``.
+
+With no ``--model``, ``train`` runs an embedded default that needs no download: a tiny Llama
+built from a config, a character-level tokenizer, a short supervised warm-up on small-integer
+addition ("12+7=" -> "19"), then the chosen algorithm with an exactly checkable reward.
+``--model PATH`` takes any local Hugging Face checkpoint and ``--dataset FILE`` a local JSONL
+in TRL's formats. At the end it prints a summary (start -> end reward) and writes
+``curves.png`` (reward and loss) next to ``metrics.jsonl`` in ``--output-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+ALGOS = ("dpo", "grpo", "ppo")
+
+# Embedded default: hyper-parameters tuned so each algorithm shows a clear reward gain within
+# a few minutes on 2 CPU cores. The warm-up leaves the model right on about a fifth of the
+# problems, so there is signal to sharpen.
+TASK_MAX_OPERAND = 20
+TASK_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "grpo": dict(steps=300, lr=1e-3, prompts_per_step=16, group_size=8, max_new_tokens=4, micro_batch_size=32,
+                 gradient_accumulation_steps=4, beta=0.04, warmup_steps=400),
+    "ppo": dict(steps=300, lr=1e-3, prompts_per_step=64, max_new_tokens=4, micro_batch_size=32,
+                gradient_accumulation_steps=1, ppo_epochs=2, kl_coef=0.05, warmup_steps=400),
+    "dpo": dict(steps=150, lr=1e-3, micro_batch_size=32, gradient_accumulation_steps=1, beta=0.1, warmup_steps=150),
+}
+ANSWER_COLUMNS = ("answer", "solution", "ground_truth")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastrlhf", description="fastrlhf: RLHF training with fused kernels.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train with DPO, GRPO or PPO (no --model: the embedded arithmetic job)")
+    t.add_argument("algo", choices=ALGOS)
+    t.add_argument("--model", help="local Hugging Face causal-LM checkpoint (default: embedded tiny Llama)")
+    t.add_argument("--dataset", help="local JSONL in TRL's format (prompt-only for grpo/ppo, preference for dpo)")
+    t.add_argument("--output-dir", help="default: runs/<algo>-<timestamp>")
+    t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
+    t.add_argument("--steps", type=int, help="training steps (rollouts for grpo/ppo, updates for dpo)")
+    t.add_argument("--lr", type=float)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--micro-batch-size", type=int)
+    t.add_argument("--grad-accum", type=int, dest="gradient_accumulation_steps")
+    t.add_argument("--prompts-per-step", type=int, help="grpo/ppo: prompts per rollout")
+    t.add_argument("--group-size", type=int, help="grpo: completions per prompt (G)")
+    t.add_argument("--max-new-tokens", type=int, help="grpo/ppo: completion length limit")
+    t.add_argument("--temperature", type=float, help="grpo/ppo: sampling temperature")
+    t.add_argument("--beta", type=float, help="grpo: k3 KL coefficient; dpo: implicit-reward temperature")
+    t.add_argument("--kl-coef", type=float, help="ppo: KL penalty coefficient")
+    t.add_argument("--loss-type", choices=("sigmoid", "hinge", "ipo", "robust"), help="dpo loss")
+    t.add_argument("--loss-agg", help="grpo/ppo: token-mean | seq-mean-token-mean | seq-mean-token-sum[-norm]")
+    t.add_argument("--reward-fn", help="grpo/ppo reward 'module:function' or 'file.py:function'")
+    t.add_argument("--reward-model", help="grpo/ppo: local sequence-classification checkpoint scoring completions")
+    t.add_argument("--warmup-steps", type=int, help="supervised warm-up steps of the embedded model")
+    t.add_argument("--task-max-operand", type=int, default=TASK_MAX_OPERAND,
+                   help="embedded task: operands drawn from [0, N)")
+    t.add_argument("--lora-r", type=int, default=0, help="LoRA rank through peft (0: full fine-tuning)")
+    t.add_argument("--no-fused-linear", action="store_true", help="materialize logits (for comparison)")
+    t.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
+    t.add_argument("--device", help="default: cuda if available, else cpu")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.add_argument("--no-plot", action="store_true", help="skip curves.png")
+    sub.add_parser("bench", help="benchmarks (fastrlhf.bench; arguments are passed through)", add_help=False)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        return run_bench(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        train(args)
+    return 0
+
+
+def run_bench(argv: List[str]) -> int:
+    try:
+        from fastrlhf import bench
+    except ImportError as e:
+        print(f"fastrlhf bench: the benchmark module fastrlhf.bench is not available ({e})", file=sys.stderr)
+        return 2
+    rc = bench.main(argv)
+    return int(rc or 0)
+
+
+# ----------------------------------------------------------------------------------------
+# train
+# ----------------------------------------------------------------------------------------
+
+
+def answer_match_reward(prompts, completions, **columns) -> List[float]:
+    """1.0 when the completion equals the row's answer column (answer / solution / ground_truth)."""
+    for key in ANSWER_COLUMNS:
+        if key in columns:
+            return [1.0 if c.strip() == str(a).strip() else 0.0 for c, a in zip(completions, columns[key])]
+    raise ValueError(f"the dataset has none of the answer columns {ANSWER_COLUMNS}; pass --reward-fn")
+
+
+def _restore_args(args: argparse.Namespace) -> argparse.Namespace:
+    """``--resume DIR``: the run's saved arguments, with ``--steps`` (to extend a run) taken from the command."""
+    path = os.path.join(args.resume, "args.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--resume {args.resume!r}: no args.json there (not a fastrlhf run directory)")
+    with open(path) as f:
+        saved = json.load(f)
+    if saved["algo"] != args.algo:
+        raise ValueError(f"--resume {args.resume!r} is a {saved['algo']} run, not {args.algo}")
+    steps, resume, progress = args.steps, args.resume, args.no_progress
+    ns = argparse.Namespace(**saved)
+    ns.resume, ns.output_dir, ns.no_progress = resume, resume, progress
+    if steps is not None:
+        ns.steps = steps
+    return ns
+
+
+def _config(args, cls, embedded: bool):
+    """The algorithm's config: dataclass defaults, then the embedded task's, then the command line's."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = dict(TASK_DEFAULTS[args.algo]) if embedded else {}
+    for name in fields:
+        v = getattr(args, name, None)
+        if v is not None:
+            values[name] = v
+    values.update(seed=args.seed, output_dir=args.output_dir, fused_linear=not args.no_fused_linear,
+                  progress=not args.no_progress, save_every=args.save_every, lora_r=args.lora_r)
+    if args.algo == "ppo" and args.kl_coef is not None:
+        values["kl_coef"] = args.kl_coef
+    if args.algo == "dpo" and args.loss_type is not None:
+        values["loss_type"] = args.loss_type
+    return cls(**{k: v for k, v in values.items() if k in fields})
+
+
+def _model_and_tokenizer(args, embedded: bool, warmup_rows, device: str):
+    """Load ``--model``; or build (and warm up) the embedded tiny model, saved to ``<out>/init`` for resumes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .algos.common import attn_implementation, load_causal_lm, seed_everything, supervised_finetune
+    from .algos.task import tiny_causal_lm
+    from .algos.tokenizer import build_char_tokenizer
+
+    if not embedded:
+        return load_causal_lm(args.model, device)
+    init = os.path.join(args.output_dir, "init")
+    if os.path.isdir(init):  # a resumed run starts from the same warmed-up model
+        tok = AutoTokenizer.from_pretrained(init, local_files_only=True)
+        tok.padding_side = "left"
+        model = AutoModelForCausalLM.from_pretrained(
+            init, local_files_only=True, attn_implementation=attn_implementation(device)
+        ).to(device)
+        return model, tok
+    seed_everything(args.seed)
+    tok = build_char_tokenizer()
+    model = tiny_causal_lm(len(tok), tokenizer=tok, seed=args.seed, device=device)
+    warmup = args.warmup_steps if args.warmup_steps is not None else TASK_DEFAULTS[args.algo]["warmup_steps"]
+    if warmup_rows and warmup > 0:
+        t0 = time.perf_counter()
+        losses = supervised_finetune(model, tok, warmup_rows, steps=warmup, seed=args.seed,
+                                     fused_linear=not args.no_fused_linear, progress=not args.no_progress)
+        print(f"supervised warm-up: {warmup} steps, NLL {losses[0]:.3f} -> {losses[-1]:.3f} "
+              f"({time.perf_counter() - t0:.1f} s)")
+    model.save_pretrained(init)
+    tok.save_pretrained(init)
+    return model, tok
+
+
+def _warmup_rows(algo: str, rows) -> List[Dict[str, str]]:
+    """Supervised pairs for warming up the embedded model on a user dataset (chosen / answer completions)."""
+    out = []
+    for r in rows:
+        if not isinstance(r.get("prompt"), str):
+            continue
+        if algo == "dpo" and isinstance(r.get("chosen"), str):
+            out.append({"prompt": r["prompt"], "completion": r["chosen"]})
+        else:
+            for key in ANSWER_COLUMNS:
+                if key in r:
+                    out.append({"prompt": r["prompt"], "completion": str(r[key])})
+                    break
+    return out
+
+
+def train(args: argparse.Namespace) -> Dict[str, Any]:
+    """Run one training job from parsed ``train`` arguments; returns the summary dict."""
+    import torch
+
+    from .algos import DPO, GRPO, PPO, DPOConfig, GRPOConfig, PPOConfig
+    from .algos.common import load_reward_fn, reward_model_fn
+    from .algos.data import load_jsonl
+    from .algos.task import ArithmeticTask, greedy_accuracy
+
+    if args.resume:
+        args = _restore_args(args)
+    if args.output_dir is None:
+        args.output_dir = os.path.join("runs", f"{args.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(args.output_dir, exist_ok=True)
+    if not args.resume:
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump({**vars(args), "resume": None}, f, indent=1)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # save_pretrained's shard bars would drown the summary
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    embedded = args.model is None
+    task = ArithmeticTask(max_operand=args.task_max_operand, seed=args.seed) if args.dataset is None else None
+
+    # Data, and the supervised warm-up rows for the embedded model.
+    if task is not None:
+        rows = task.preference_rows("train") if args.algo == "dpo" else task.prompt_rows("train")
+        warmup_rows = task.sft_rows()
+    else:
+        rows = load_jsonl(args.dataset)
+        warmup_rows = _warmup_rows(args.algo, rows)
+    model, tokenizer = _model_and_tokenizer(args, embedded, warmup_rows, device)
+
+    # Reward (grpo/ppo).
+    reward_fn, reward_kw = None, {}
+    if args.algo != "dpo":
+        if args.reward_fn:
+            reward_fn = load_reward_fn(args.reward_fn)
+        elif args.reward_model:
+            from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+            rm = AutoModelForSequenceClassification.from_pretrained(args.reward_model, local_files_only=True).to(device)
+            rm_tok = AutoTokenizer.from_pretrained(args.reward_model, local_files_only=True)
+            if rm_tok.pad_token_id is None:
+                rm_tok.pad_token = rm_tok.eos_token
+            rm.config.pad_token_id = rm_tok.pad_token_id
+            if args.algo == "ppo":
+                reward_kw = dict(reward_model=rm, reward_tokenizer=rm_tok)
+            else:
+                reward_fn = reward_model_fn(rm, rm_tok)
+        elif task is not None:
+            reward_fn = task.reward
+        else:
+            if not any(k in rows[0] for k in ANSWER_COLUMNS):
+                raise SystemExit(f"--dataset rows have none of {ANSWER_COLUMNS}: pass --reward-fn or --reward-model")
+            reward_fn = answer_match_reward
+
+    cls, cfg_cls = {"dpo": (DPO, DPOConfig), "grpo": (GRPO, GRPOConfig), "ppo": (PPO, PPOConfig)}[args.algo]
+    config = _config(args, cfg_cls, embedded and task is not None)
+    if args.algo == "dpo":
+        trainer = DPO(model, tokenizer, rows, config)
+    elif args.algo == "grpo":
+        trainer = GRPO(model, tokenizer, rows, reward_fn, config)
+    else:
+        trainer = PPO(model, tokenizer, rows, reward_fn, config, **reward_kw)
+
+    def evaluate() -> Dict[str, float]:
+        out = {}
+        if task is not None:
+            out["eval_accuracy"] = greedy_accuracy(trainer.model, tokenizer, task.prompt_rows("eval"))
+            if args.algo == "dpo":
+                out["eval_reward_accuracy"] = trainer.evaluate(task.preference_rows("eval"))["reward_accuracy"]
+        return out
+
+    if args.resume:
+        trainer.load_checkpoint(args.output_dir)
+        print(f"resumed {args.output_dir} at step {trainer.step}")
+    before = evaluate() if trainer.step == 0 else {}
+    t0 = time.perf_counter()
+    start_step = trainer.step
+    history = trainer.train()
+    elapsed = time.perf_counter() - t0
+    trainer.save_checkpoint()
+    after = evaluate()
+    final = os.path.join(args.output_dir, "final")
+    trainer.model.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+
+    summary = summarize(args.algo, history, before, after, elapsed, trainer.step - start_step, config)
+    summary.update(output_dir=args.output_dir, final_model=final)
+    if not args.no_plot and history:
+        summary["curves"] = plot_curves(args.algo, history, os.path.join(args.output_dir, "curves.png"))
+    with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(format_summary(summary))
+    return summary
+
+
+def _window_mean(history, key: str, first: bool) -> Optional[float]:
+    vals = [h[key] for h in history if key in h]
+    if not vals:
+        return None
+    k = max(1, len(vals) // 10)
+    part = vals[:k] if first else vals[-k:]
+    return sum(part) / len(part)
+
+
+def reward_key(algo: str) -> str:
+    return "reward_accuracy" if algo == "dpo" else "reward"
+
+
+def summarize(algo, history, before, after, elapsed, steps_run, config) -> Dict[str, Any]:
+    """Start -> end figures: means over the first and last tenth of the steps, and the evals."""
+    s: Dict[str, Any] = {"algo": algo, "steps": len(history), "steps_this_run": steps_run,
+                         "train_time_s": round(elapsed, 1), "fused_linear": config.fused_linear}
+    keys = [reward_key(algo), "loss", "kl", "entropy", "clipfrac", "reward_margin", "tokens_per_s"]
+    for key in keys:
+        a, b = _window_mean(history, key, True), _window_mean(history, key, False)
+        if a is not None:
+            s[key] = [round(a, 4), round(b, 4)]
+    if history:
+        s["peak_mem_mb"] = round(max(h["peak_mem_mb"] for h in history), 1)
+    for key in set(before) | set(after):
+        s[key] = [before.get(key), after.get(key)]
+    return s
+
+
+def format_summary(s: Dict[str, Any]) -> str:
+    lines = [f"fastrlhf train {s['algo']}: {s['steps']} steps ({s['steps_this_run']} this run) in "
+             f"{s['train_time_s']} s, fused_linear={s['fused_linear']}"]
+    names = {"reward": "train reward (first -> last 10% of steps)",
+             "reward_accuracy": "train reward accuracy (first -> last 10%)",
+             "reward_margin": "train reward margin", "loss": "loss", "kl": "KL to reference",
+             "entropy": "entropy", "clipfrac": "clip fraction", "tokens_per_s": "tokens/s",
+             "eval_accuracy": "held-out greedy accuracy (before -> after)",
+             "eval_reward_accuracy": "held-out reward accuracy (before -> after)"}
+    for key, label in names.items():
+        if key in s:
+            a, b = s[key]
+            fa = "-" if a is None else f"{a:.4g}"
+            fb = "-" if b is None else f"{b:.4g}"
+            lines.append(f"  {label}: {fa} -> {fb}")
+    if "peak_mem_mb" in s:
+        lines.append(f"  peak memory: {s['peak_mem_mb']} MB")
+    lines.append(f"  output: {s['output_dir']} (metrics.jsonl, summary.json, final/)"
+                 + (f"; curves: {s['curves']}" if s.get("curves") else ""))
+    return "\n".join(lines)
+
+
+def plot_curves(algo: str, history, path: str) -> Optional[str]:
+    """Reward and loss against step (raw and a moving average) as a PNG; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no curves.png (pip install matplotlib)", file=sys.stderr)
+        return None
+    steps = [h["step"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key in zip(axes, (reward_key(algo), "loss")):
+        ys = [h.get(key, float("nan")) for h in history]
+        ax.plot(steps, ys, alpha=0.35, lw=1, label=key)
+        w = max(1, len(ys) // 20)
+        if w > 1:
+            smooth = [sum(ys[max(0, i - w + 1) : i + 1]) / len(ys[max(0, i - w + 1) : i + 1]) for i in range(len(ys))]
+            ax.plot(steps, smooth, lw=2, label=f"{key} (moving mean, {w})")
+        ax.set_xlabel("step")
+        ax.set_title(f"{algo}: {key}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
