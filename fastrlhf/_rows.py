@@ -14,6 +14,9 @@ Logits are handled as a ``[B, T, V]`` view with arbitrary strides (2-D ``[N, V]`
     alias ``x3`` for in-place backward):
     ``inv_temp * (dlogp * (onehot(label) - p) - dent * p * (x - E))`` with ``p = exp(x - lse)``
     and ``E = lse - ent = sum(p * x)``; exactly 0 on ignored rows. ``dlogp``/``dent`` may be None.
+    A label outside ``[0, V)`` that is not ``ignore_index`` counts but adds no one-hot term (the
+    label lives on another vocab shard, ``fastrlhf.distributed``); the public ops reject such
+    labels before any backend sees them, and the native backend rejects them itself.
 """
 
 from __future__ import annotations
@@ -135,8 +138,9 @@ def torch_row_backward(
             if dlogp is not None:
                 d = torch.where(valid, dlogp[n0:n1].to(dt), torch.zeros((), dtype=dt, device=x.device))
                 g -= d.unsqueeze(1) * p
-                safe = torch.where(valid, lab, torch.zeros_like(lab))
-                g.scatter_add_(1, safe.unsqueeze(1), d.unsqueeze(1))
+                hit = valid & (lab >= 0) & (lab < V)  # a label outside this (vocab shard's) row: no one-hot
+                safe = torch.where(hit, lab, torch.zeros_like(lab))
+                g.scatter_add_(1, safe.unsqueeze(1), torch.where(hit, d, torch.zeros_like(d)).unsqueeze(1))
             g = torch.where(valid.unsqueeze(1), g, torch.zeros((), dtype=dt, device=x.device))
         g *= inv_temp
         ov.copy_(g)  # safe when ov aliases xv: x was read into the fp32 copy above

@@ -29,7 +29,10 @@ def check_logits(logits: torch.Tensor, name: str = "logits") -> None:
         raise ValueError(f"{name} has an empty vocabulary dimension (V = 0)")
 
 
-def check_labels(labels: torch.Tensor, logits: torch.Tensor, ignore_index: int, name: str = "labels") -> None:
+def check_labels(
+    labels: torch.Tensor, logits: torch.Tensor, ignore_index: int, name: str = "labels", vocab_size: int | None = None
+) -> None:
+    """``vocab_size``: the global V when ``logits`` hold one vocab-parallel shard (default ``logits.shape[-1]``)."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype not in LABEL_DTYPES:
@@ -40,7 +43,7 @@ def check_labels(labels: torch.Tensor, logits: torch.Tensor, ignore_index: int, 
         raise ValueError(
             f"{name} must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
         )
-    V = logits.shape[-1]
+    V = logits.shape[-1] if vocab_size is None else vocab_size
     if labels.numel() == 0:
         return
     # One N-sized check (a device sync on GPU) that keeps every kernel's label read in bounds.

@@ -39,9 +39,37 @@ __all__ = [
 Stats = Mapping[str, torch.Tensor]
 
 
+def _vocab_offset(logits: torch.Tensor, process_group) -> Tuple[int, int]:
+    """``(offset of this rank's vocabulary shard, global V)``; ``(0, V)`` without a group."""
+    if process_group is None:
+        return 0, logits.shape[-1]
+    from .distributed import shard_offset
+
+    return shard_offset(logits.shape[-1], process_group)
+
+
 def _no_process_group(process_group) -> None:
+    """The fused-linear ops take the full lm_head weight; a vocab-parallel weight is not supported there."""
     if process_group is not None:
-        raise NotImplementedError("vocab-parallel logits (process_group=...) are not supported yet")
+        raise NotImplementedError(
+            "process_group (vocab-parallel) is supported by the logits ops; the linear_* ops need the full weight"
+        )
+
+
+def _token_values(logits, labels, temperature, ignore_index, want_logp, want_entropy, inplace_backward, backend,
+                  process_group, offset):
+    """``logp`` / ``entropy`` / both, from full logits or from this rank's vocabulary shard."""
+    if process_group is None:
+        return RowLogprobsEntropy.apply(
+            logits, labels, temperature, ignore_index, want_logp, want_entropy, inplace_backward, backend
+        )
+    from .distributed import vocab_parallel_token_values
+
+    return vocab_parallel_token_values(
+        logits, labels, temperature=temperature, ignore_index=ignore_index, want_logp=want_logp,
+        want_entropy=want_entropy, inplace_backward=inplace_backward, backend=backend, group=process_group,
+        offset=offset,
+    )
 
 
 class RowLogprobsEntropy(torch.autograd.Function):
@@ -92,12 +120,14 @@ class RowLogprobsEntropy(torch.autograd.Function):
         return dlogits, None, None, None, None, None, None, None
 
 
-def _prepare(logits, labels, temperature, ignore_index, backend):
+def _prepare(logits, labels, temperature, ignore_index, backend, process_group=None):
+    """Check inputs; ``(temperature, concrete backend, vocab offset of this rank's shard)``."""
     check_logits(logits)
     temperature = check_temperature(temperature)
+    offset, vocab = _vocab_offset(logits, process_group)
     if labels is not None:
-        check_labels(labels, logits, ignore_index)
-    return temperature, resolve_backend(backend, logits.device)
+        check_labels(labels, logits, ignore_index, vocab_size=vocab)
+    return temperature, resolve_backend(backend, logits.device), offset
 
 
 def token_logprobs(
@@ -124,9 +154,9 @@ def token_logprobs(
     Returns:
         ``logp [...]`` fp32. Memory: no ``[N, V]`` temporary besides the logits' gradient.
     """
-    _no_process_group(process_group)
-    temperature, backend = _prepare(logits, labels, temperature, ignore_index, backend)
-    return RowLogprobsEntropy.apply(logits, labels, temperature, ignore_index, True, False, inplace_backward, backend)
+    temperature, backend, offset = _prepare(logits, labels, temperature, ignore_index, backend, process_group)
+    return _token_values(logits, labels, temperature, ignore_index, True, False, inplace_backward, backend,
+                         process_group, offset)
 
 
 def token_logprobs_and_entropy(
@@ -144,9 +174,9 @@ def token_logprobs_and_entropy(
     ``entropy = logsumexp(x) - sum(softmax(x) * x)``; both are 0 where ``labels == ignore_index``.
     See :func:`token_logprobs` for the arguments.
     """
-    _no_process_group(process_group)
-    temperature, backend = _prepare(logits, labels, temperature, ignore_index, backend)
-    return RowLogprobsEntropy.apply(logits, labels, temperature, ignore_index, True, True, inplace_backward, backend)
+    temperature, backend, offset = _prepare(logits, labels, temperature, ignore_index, backend, process_group)
+    return _token_values(logits, labels, temperature, ignore_index, True, True, inplace_backward, backend,
+                         process_group, offset)
 
 
 def entropy(
@@ -158,9 +188,9 @@ def entropy(
     process_group=None,
 ) -> torch.Tensor:
     """Entropy of ``softmax(logits / temperature)`` per row, ``[...]`` fp32, differentiable."""
-    _no_process_group(process_group)
-    temperature, backend = _prepare(logits, None, temperature, -100, backend)
-    return RowLogprobsEntropy.apply(logits, None, temperature, -100, False, True, inplace_backward, backend)
+    temperature, backend, offset = _prepare(logits, None, temperature, -100, backend, process_group)
+    return _token_values(logits, None, temperature, -100, False, True, inplace_backward, backend,
+                         process_group, offset)
 
 
 def kl_estimate(
@@ -248,14 +278,13 @@ def ppo_clip_loss(
     Memory: no ``[N, V]`` tensor besides the logits' gradient (written into the logits with
     ``inplace_backward=True``).
     """
-    _no_process_group(process_group)
-    temperature, backend = _prepare(logits, labels, temperature, ignore_index, backend)
+    temperature, backend, offset = _prepare(logits, labels, temperature, ignore_index, backend, process_group)
     _check_ppo_args(logits, labels, old_logprobs, advantages, mask, ref_logprobs, kl_coef, kl_estimator,
                     clip_low, clip_high, dual_clip, loss_agg, entropy_coef)
     want_entropy = entropy_coef > 0 or compute_entropy
     opts = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
                 kl_estimator=kl_estimator, entropy_coef=entropy_coef, loss_agg=loss_agg)
-    if backend == "triton":
+    if backend == "triton" and process_group is None:
         from .kernels.losses import fused_ppo_clip_loss
 
         return fused_ppo_clip_loss(
@@ -263,9 +292,8 @@ def ppo_clip_loss(
             temperature=temperature, ignore_index=ignore_index, want_entropy=want_entropy,
             inplace_backward=inplace_backward, **opts,
         )
-    out = RowLogprobsEntropy.apply(
-        logits, labels, temperature, ignore_index, True, want_entropy, inplace_backward, backend
-    )
+    out = _token_values(logits, labels, temperature, ignore_index, True, want_entropy, inplace_backward, backend,
+                        process_group, offset)
     logp, ent = out if want_entropy else (out, None)
     return ppo_loss_from_token_values(logp, ent, labels, old_logprobs, advantages, mask, ref_logprobs,
                                       ignore_index, **opts)
@@ -346,7 +374,6 @@ def dpo_loss(
     sums fix each token's upstream gradient, the gradient pass in backward.
     Stats: ``chosen_rewards``, ``rejected_rewards``, ``reward_accuracy``, ``reward_margin``.
     """
-    _no_process_group(process_group)
     check_logits(logits)
     if logits.dim() != 3 or logits.shape[0] % 2:
         raise ValueError(f"logits must be [2B, T, V] (chosen rows then rejected rows), got {tuple(logits.shape)}")
@@ -358,8 +385,9 @@ def dpo_loss(
     for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != (B,):
             raise ValueError(f"{name} must be a [B] = [{B}] tensor, got {getattr(t, 'shape', type(t))}")
-    temperature, backend = _prepare(logits, labels, temperature, ignore_index, backend)
-    logp = RowLogprobsEntropy.apply(logits, labels, temperature, ignore_index, True, False, inplace_backward, backend)
+    temperature, backend, offset = _prepare(logits, labels, temperature, ignore_index, backend, process_group)
+    logp = _token_values(logits, labels, temperature, ignore_index, True, False, inplace_backward, backend,
+                         process_group, offset)
     seq = ref.dpo_sequence_logps(logp, labels != ignore_index, loss_type)  # [2B]
     return ref.dpo_loss_from_logprobs(
         seq[:B], seq[B:], ref_chosen_logps, ref_rejected_logps,

@@ -1,0 +1,136 @@
+"""Vocab-parallel (tensor-parallel) logits: exact global token ops from vocabulary shards.
+
+Each rank of ``process_group`` holds ``logits[..., V_r]``, a contiguous shard of the vocabulary,
+shards in rank order (sizes may differ: 151936 over 3 ranks is fine); labels are global ids.
+Per row, with ``x`` the temperature-scaled logits and each rank's local ``(lse_r, H_r)`` from
+one streaming pass over its shard:
+
+    lse   = log sum_r exp(lse_r)                       all-reduce MAX, then SUM of exp(lse_r - max)
+    E     = sum_r exp(lse_r - lse) * (lse_r - H_r)     all-reduce SUM  (E = sum_v p_v x_v)
+    x_lab = the label's logit, from the rank owning it all-reduce SUM (0 elsewhere)
+    logp  = x_lab - lse,   H = lse - E
+
+i.e. three or four all-reduces of ``[N]`` fp32 tensors; the vocabulary is never gathered. The
+backward needs no communication: each rank writes the gradient of its own shard from the global
+``lse`` and ``E`` (``inv_temp * (dlogp * (onehot - p) - dH * p * (x - E))``; the one-hot term only
+on the rank that owns the label).
+
+Backends: the local passes use the requested backend; the gradient pass of ``native`` runs on
+the chunked torch path (the native pass rejects labels outside its shard by design).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ._rows import as_rows3d, row_backward, row_forward
+
+__all__ = ["shard_offset", "VocabParallelLogprobsEntropy"]
+
+
+def shard_offset(local_vocab: int, group) -> Tuple[int, int]:
+    """``(offset of this rank's shard, global V)`` from every rank's shard size (one tiny all-gather)."""
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([local_vocab], dtype=torch.int64, device=dev), group=group)
+    sizes = [int(s.item()) for s in sizes]
+    return sum(sizes[:rank]), sum(sizes)
+
+
+def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
+    dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+class VocabParallelLogprobsEntropy(torch.autograd.Function):
+    """``(logp?, entropy?)`` of the global softmax from this rank's vocabulary shard."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, ignore_index, want_logp, want_entropy, inplace_backward,
+                backend, group, offset):
+        x3 = as_rows3d(logits)  # [B, T, V_r]
+        B, T, V_r = x3.shape
+        N = B * T
+        inv_temp = 1.0 / temperature
+        _, ent_r, lse_r = row_forward(backend, x3, None, inv_temp, ignore_index, True)  # [N] each, local
+        lse_r = lse_r.float()
+        ent_r = ent_r.float()
+        gmax = _all_reduce(lse_r.clone(), dist.ReduceOp.MAX, group)  # [N]
+        gmax_safe = torch.where(torch.isfinite(gmax), gmax, torch.zeros_like(gmax))
+        mass_r = torch.exp(lse_r - gmax_safe)  # this shard's share of sum exp, relative to the max
+        lse = gmax_safe + torch.log(_all_reduce(mass_r.clone(), dist.ReduceOp.SUM, group))
+        w_r = torch.exp(lse_r - lse)  # softmax mass of this shard
+        e_r = torch.where(w_r > 0, w_r * (lse_r - ent_r), torch.zeros_like(w_r))
+        big_e = _all_reduce(e_r, dist.ReduceOp.SUM, group)  # E = sum_v p_v x_v
+        ent = lse - big_e  # [N]
+        lab_local = None
+        logp = None
+        if labels is not None:
+            lab = labels.reshape(-1).long()
+            valid = lab != ignore_index
+            local = lab - offset
+            mine = valid & (local >= 0) & (local < V_r)
+            n_idx = torch.arange(N, device=logits.device)
+            safe = torch.where(mine, local, torch.zeros_like(local))
+            x_lab = x3[n_idx // T, n_idx % T, safe].float() * inv_temp  # [N] gather, not [N, V]
+            x_lab = _all_reduce(torch.where(mine, x_lab, torch.zeros_like(x_lab)), dist.ReduceOp.SUM, group)
+            logp = torch.where(valid, x_lab - lse, torch.zeros_like(lse))
+            ent = torch.where(valid, ent, torch.zeros_like(ent))
+            # Rows whose label lives on another rank still get a gradient, without a one-hot term:
+            # a sentinel outside [0, V_r) that is not ignore_index.
+            sentinel = V_r if ignore_index != V_r else V_r + 1
+            lab_local = torch.where(mine, local, torch.full_like(local, sentinel))
+            lab_local = torch.where(valid, lab_local, torch.full_like(local, ignore_index)).contiguous()
+        ctx.save_for_backward(logits, lab_local, lse, ent)
+        ctx.inv_temp = inv_temp
+        ctx.ignore_index = ignore_index
+        ctx.inplace_backward = inplace_backward
+        ctx.backend = "torch" if backend == "native" else backend
+        ctx.want = (want_logp, want_entropy)
+        ctx.set_materialize_grads(False)
+        shape = logits.shape[:-1]
+        outs = []
+        if want_logp:
+            outs.append(logp.view(shape))
+        if want_entropy:
+            outs.append(ent.view(shape))
+        return tuple(outs) if len(outs) > 1 else outs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        logits, lab_local, lse, ent = ctx.saved_tensors
+        grads = list(grads)
+        dlogp = grads.pop(0) if ctx.want[0] else None
+        dent = grads.pop(0) if ctx.want[1] else None
+        if dlogp is None and dent is None:
+            return (None,) * 10
+        dlogp = dlogp.reshape(-1).float().contiguous() if dlogp is not None else None
+        dent = dent.reshape(-1).float().contiguous() if dent is not None else None
+        dlogits = logits if ctx.inplace_backward else torch.empty(logits.shape, dtype=logits.dtype,
+                                                                    device=logits.device)
+        row_backward(ctx.backend, as_rows3d(logits), lab_local, lse, ent, dlogp, dent, ctx.inv_temp,
+                     ctx.ignore_index, as_rows3d(dlogits))
+        return (dlogits,) + (None,) * 9
+
+
+def vocab_parallel_token_values(
+    logits: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    *,
+    temperature: float,
+    ignore_index: int,
+    want_logp: bool,
+    want_entropy: bool,
+    inplace_backward: bool,
+    backend: str,
+    group,
+    offset: int,
+):
+    return VocabParallelLogprobsEntropy.apply(
+        logits, labels, temperature, ignore_index, want_logp, want_entropy, inplace_backward, backend, group, offset
+    )
