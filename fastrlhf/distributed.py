@@ -35,7 +35,8 @@ def shard_offset(local_vocab: int, group) -> Tuple[int, int]:
     """``(offset of this rank's shard, global V)`` from every rank's shard size (one tiny all-gather)."""
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    nccl = dist.get_backend(group) == "nccl"  # NCCL only moves CUDA tensors
+    dev = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([local_vocab], dtype=torch.int64, device=dev), group=group)
     sizes = [int(s.item()) for s in sizes]
