@@ -98,10 +98,11 @@ def token_logprobs(
     upcast: bool = True,
 ) -> torch.Tensor:
     """``logp = x[label] - logsumexp(x)``, ``x = logits / temperature``."""
-    x = logits.to(_compute_dtype(logits, upcast)) / temperature
+    x = logits.to(_compute_dtype(logits, upcast)) / temperature  # [..., V] (a copy unless fp32 and T = 1)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    logp = x.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, dim=-1)
+    # The composition everyone writes first: [..., V] log-softmax saved for backward, then a gather.
+    logp = torch.log_softmax(x, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     out_dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
     return torch.where(valid, logp, torch.zeros_like(logp)).to(out_dtype)
 
@@ -287,9 +288,13 @@ def ppo_clip_loss(
     ``pg = min(pg, -A * c)`` where ``A < 0``; ``+ kl_coef * kl`` and ``- entropy_coef * H``;
     aggregated with ``loss_agg``.
     """
-    logp, ent = token_logprobs_and_entropy(
-        logits, labels, temperature=temperature, ignore_index=ignore_index, upcast=upcast
-    )
+    if entropy_coef > 0:
+        logp, ent = token_logprobs_and_entropy(
+            logits, labels, temperature=temperature, ignore_index=ignore_index, upcast=upcast
+        )
+    else:  # no entropy term: the plain log_softmax + gather composition
+        logp = token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index, upcast=upcast)
+        ent = None
     counted = as_batch_time(_counted_mask(labels, mask, ignore_index)).to(logp.dtype)
     per_sequence = advantages.dim() == 1 and labels.dim() >= 2
     adv = advantages if per_sequence else as_batch_time(advantages)
@@ -298,7 +303,7 @@ def ppo_clip_loss(
         counted,
         as_batch_time(old_logprobs),
         adv,
-        entropy=as_batch_time(ent),
+        entropy=None if ent is None else as_batch_time(ent),
         clip_low=clip_low,
         clip_high=clip_high,
         dual_clip=dual_clip,
