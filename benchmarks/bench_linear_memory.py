@@ -77,21 +77,42 @@ print(json.dumps({"mode": mode, "growth_bytes": peak - before, "seconds": second
 """
 
 
-def measure(mode: str, n: int, h: int, v: int, backend: str = "auto", threads: int | None = None,
-            glibc_default: bool = False) -> dict:
-    """Run one forward+backward of ``mode`` ("linear" or "logits") in a fresh process."""
+def _start(mode: str, n: int, h: int, v: int, backend: str, threads: int | None, glibc_default: bool):
     env = dict(os.environ)
     if not glibc_default:
         env["MALLOC_MMAP_THRESHOLD_"] = str(2**20)
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    out = subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-c", CHILD, mode, str(n), str(h), str(v), backend],
-        capture_output=True, text=True, env=env, check=False,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
-    if out.returncode != 0:
-        raise RuntimeError(f"{mode} measurement failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _result(mode: str, proc: subprocess.Popen, timeout: float | None) -> dict:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"{mode} measurement failed:\n{err[-4000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def measure_pair(n: int, h: int, v: int, backend: str = "auto", threads: int | None = None,
+                 glibc_default: bool = False, timeout: float | None = None) -> tuple[dict, dict]:
+    """``(linear, logits)``: one forward+backward of each path, in two fresh processes run side by
+    side (peak RSS is per process, so they do not disturb each other's measurement)."""
+    procs = {m: _start(m, n, h, v, backend, threads, glibc_default) for m in ("linear", "logits")}
+    try:
+        return _result("linear", procs["linear"], timeout), _result("logits", procs["logits"], timeout)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
 
 
 def main() -> None:
@@ -105,8 +126,7 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     t0 = time.perf_counter()
-    lin = measure("linear", a.n, a.h, a.v, a.backend, a.threads, a.glibc_default)
-    base = measure("logits", a.n, a.h, a.v, a.backend, a.threads, a.glibc_default)
+    lin, base = measure_pair(a.n, a.h, a.v, a.backend, a.threads, a.glibc_default)
     ratio = lin["growth_bytes"] / base["growth_bytes"]
     res = {"N": a.n, "H": a.h, "V": a.v, "chunk": lin["chunk"], "linear": lin, "logits": base, "ratio": ratio,
            "wall_s": time.perf_counter() - t0}

@@ -61,7 +61,7 @@ from . import reference as ref
 from ._backend import resolve_backend
 from ._rows import out_dtype, row_backward, row_forward
 from ._validate import FLOAT_DTYPES, check_labels, check_temperature
-from .ops import Stats, _check_ppo_args, _no_process_group, ppo_loss_from_token_values
+from .ops import Stats, _check_ppo_args, ppo_loss_from_token_values
 
 __all__ = [
     "linear_token_logprobs",
@@ -256,6 +256,14 @@ class LinearLogprobsEntropy(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------
 
 
+def _no_process_group(process_group) -> None:
+    if process_group is not None:
+        raise NotImplementedError(
+            "process_group (a vocab-parallel lm_head) is not supported by the linear_* ops yet: pass the full "
+            "[V, H] weight, or compute the sharded logits and use the logits ops, which take process_group"
+        )
+
+
 def _check_linear_inputs(hidden, weight, bias, labels, ignore_index) -> None:
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
@@ -322,7 +330,10 @@ def _linear_forward(hidden, weight, bias, labels, temperature, ignore_index, wan
         hidden, weight, bias = _autocast(hidden, weight, bias)
     _check_linear_inputs(hidden, weight, bias, labels, ignore_index)
     temperature = check_temperature(temperature)
-    backend = resolve_backend(backend, hidden.device)
+    resolved = resolve_backend(backend, hidden.device)
+    if resolved == "native" and backend == "auto" and weight.dtype == torch.float64:
+        resolved = "torch"  # the native passes take fp32/bf16/fp16 logits only
+    backend = resolved
     N = labels.numel()
     V = weight.shape[0]
     if chunk_size is None:
