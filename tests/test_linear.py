@@ -65,9 +65,8 @@ def _check_grads(out, out64, ours, refs, dtype=torch.float32):
     return grads
 
 
-def _check_stats(stats, stats64, optional=()):
-    """Same stats as the reference (which always reports the ones in ``optional``)."""
-    assert set(stats) == set(stats64) - (set(optional) - set(stats))
+def _check_stats(stats, stats64):
+    assert set(stats) == set(stats64)
     for k in stats:
         assert stats[k].dim() == 0 and not stats[k].requires_grad
         torch.testing.assert_close(stats[k].double(), stats64[k].double(), atol=2e-5, rtol=0, msg=k)
@@ -191,8 +190,13 @@ def test_ppo_clip_loss_matches_reference(backend, config):
     loss64, stats64 = R.linear_ppo_clip_loss(h64, w64, labels, old, adv, bias=b64, mask=mask, **opts)
     assert loss.shape == () and loss.dtype == torch.float32
     torch.testing.assert_close(loss.double(), loss64, atol=2e-5, rtol=0)
-    assert ("entropy" in stats) == (opts.get("entropy_coef", 0) > 0 or "compute_entropy" in PPO_CONFIGS[config])
-    _check_stats(stats, stats64, optional=("entropy",))
+    want_entropy = opts.get("entropy_coef", 0) > 0 or "compute_entropy" in PPO_CONFIGS[config]
+    assert ("entropy" in stats) == want_entropy
+    if want_entropy and "entropy" not in stats64:  # compute_entropy: the stat without an entropy term
+        _, ent64 = R.linear_token_logprobs_and_entropy(h64, w64, labels, bias=b64, temperature=opts.get("temperature", 1.0))
+        counted = (labels != -100) & (mask if mask is not None else True)
+        stats64 = dict(stats64, entropy=(ent64.detach() * counted).sum() / counted.sum())
+    _check_stats(stats, stats64)
     assert 0 < stats["clipfrac"] < 1, "the data should exercise both clipped and unclipped tokens"
     _check_grads(loss, loss64, _leaves(hidden, weight, b), _leaves(h64, w64, b64))
 
