@@ -36,6 +36,12 @@ class OptionalBuildExt(build_ext):
 
 
 def native_extensions():
+    """``fastrlhf._C`` from ``fastrlhf/csrc/*.cpp`` (no torch headers: raw buffers from Python).
+
+    Environment: ``FASTRLHF_NO_NATIVE=1`` skips it; ``FASTRLHF_NATIVE_ARCH=0`` drops
+    ``-march=native`` (set it when building a wheel for other machines); ``FASTRLHF_OPENMP=0``
+    builds without OpenMP threads (e.g. Apple clang without libomp), keeping the SIMD pragmas.
+    """
     sources = sorted(glob.glob(os.path.join("fastrlhf", "csrc", "*.cpp")))
     if not sources or os.environ.get("FASTRLHF_NO_NATIVE") == "1":
         return []
@@ -43,16 +49,18 @@ def native_extensions():
         from pybind11.setup_helpers import Pybind11Extension
     except ImportError:
         return []
-    compile_args = ["-O3", "-fopenmp", "-ffp-contract=fast"]
+    use_openmp = os.environ.get("FASTRLHF_OPENMP", "1") == "1"
+    compile_args = ["-O3", "-ffp-contract=fast", "-fopenmp" if use_openmp else "-fopenmp-simd"]
     if os.environ.get("FASTRLHF_NATIVE_ARCH", "1") == "1":
         compile_args.append("-march=native")
     return [
         Pybind11Extension(
             "fastrlhf._C",
             sources,
+            depends=sorted(glob.glob(os.path.join("fastrlhf", "csrc", "*.h"))),
             cxx_std=17,
             extra_compile_args=compile_args,
-            extra_link_args=["-fopenmp"],
+            extra_link_args=["-fopenmp"] if use_openmp else [],
         )
     ]
 
@@ -77,7 +85,7 @@ setup(
         "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy<2.4"],
         "algos": ["transformers>=4.45", "tqdm", "matplotlib"],
         # TRL is pure Python; its tests compare our drop-ins with its own functions and trainers.
-        "integrations": ["trl>=0.19"],
+        "integrations": ["trl>=1.16,<2"],
         "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
     },
     entry_points={"console_scripts": ["fastrlhf=fastrlhf.cli:main"]},
