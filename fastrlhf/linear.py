@@ -22,9 +22,15 @@ Algorithm (``LinearLogprobsEntropy``):
     ``dh_c = g_c @ W``, ``dW += g_c^T h_c``, ``db += sum(g_c)``.
     Rows whose label is ``ignore_index`` have logp = entropy = 0 and zero gradient by
     definition, so they are dropped before the matmul: prompt and padding tokens cost nothing.
-    The losses are this function followed by the ``[N]``-sized loss math shared with the logits
-    path (``ops.ppo_loss_from_token_values``, ``reference.dpo_loss_from_logprobs``), so every
-    loss, including DPO whose token gradients depend on sequence sums, gets exact gradients.
+    DPO and the token ops are this function followed by the ``[N]``-sized loss math shared
+    with the logits path (``reference.dpo_loss_from_logprobs``): DPO's token gradients depend
+    on sequence sums, known only after the whole forward.
+    PPO / GRPO (``LinearTokenSeparableLoss``): every ``loss_agg`` mode is ``sum_n w_n f_n(logp_n,
+    ent_n)`` with ``w`` fixed by the mask, so each chunk's upstream gradients are known as soon
+    as its logp/entropy are; the chunk's logits gradient is formed right away (Liger's scheme)
+    and backward only scales the stored ``dh, dW, db``: 3 instead of 4 ``N x V x H`` matmuls.
+    Used when autograd will want the gradients (grad mode on, a parameter requiring grad, no
+    gradient wanted for advantages / old / ref logprobs); otherwise the two-pass route.
 
 Shapes: ``hidden [..., H]`` (2-D ``[N, H]`` or 3-D ``[B, T, H]``, any strides), ``weight [V, H]``,
 ``bias [V]``, ``labels [...] = hidden.shape[:-1]``.
@@ -158,7 +164,53 @@ def _accumulate_param_grads(
 
 
 # ----------------------------------------------------------------------------------------
-# Autograd function
+# The two chunked passes shared by both autograd functions
+# ----------------------------------------------------------------------------------------
+
+
+def _kept_rows(labels: torch.Tensor, ignore_index: int) -> tuple[int, Optional[torch.Tensor]]:
+    """``(n_keep, rows)``: rows whose label is not ``ignore_index`` (``rows`` None when all are).
+
+    Ignored rows are 0 with zero gradient by definition, so only the others are computed (the
+    count is a host sync, already paid by the label range check).
+    """
+    valid = labels != ignore_index  # [N]
+    n_keep = int(valid.sum())
+    rows = None if n_keep == labels.numel() else valid.nonzero().squeeze(1)  # [n_keep] int64
+    return n_keep, rows
+
+
+def _grad_buffers(hidden, weight, bias, rows, need, accum_dtype):
+    """Zeroed ``dh [N, H]`` (uninitialised when every row is written), ``dW [V, H]``, ``db [V]`` accumulators."""
+    need_h, need_w, need_b = need
+    alloc = torch.empty if rows is None else torch.zeros  # skipped rows keep an exact zero
+    dh = alloc(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None  # [N, H]
+    dW = torch.zeros(weight.shape, dtype=accum_dtype, device=weight.device) if need_w else None  # [V, H]
+    db = torch.zeros(weight.shape[:1], dtype=accum_dtype, device=weight.device) if need_b else None  # [V]
+    return dh, dW, db
+
+
+def _chunk_param_grads(g, h_c, weight, rows, r0, r1, dh, dW, db) -> None:
+    """Given the chunk's logits gradient ``g [n, V]``: ``dh_c = g @ W``, ``dW += g^T h_c``, ``db += sum(g)``."""
+    if dh is not None:
+        if rows is None:
+            torch.mm(g, weight, out=dh[r0:r1])  # [n, H]
+        else:
+            dh.index_copy_(0, rows[r0:r1], g @ weight)
+    if dW is not None or db is not None:
+        _accumulate_param_grads(dW, db, g, h_c)
+
+
+def _finish_param_grads(dW, db, weight, bias):
+    if dW is not None and dW.dtype != weight.dtype:
+        dW = dW.to(weight.dtype)
+    if db is not None and db.dtype != bias.dtype:
+        db = db.to(bias.dtype)
+    return dW, db
+
+
+# ----------------------------------------------------------------------------------------
+# Autograd functions
 # ----------------------------------------------------------------------------------------
 
 
@@ -175,11 +227,7 @@ class LinearLogprobsEntropy(torch.autograd.Function):
         N = hidden.shape[0]
         odt = out_dtype(weight)
         inv_temp = 1.0 / temperature
-        valid = labels != ignore_index  # [N]
-        n_keep = int(valid.sum())
-        # Ignored rows are 0 by definition: compute only the others (a host sync, already
-        # paid by the label range check).
-        rows = None if n_keep == N else valid.nonzero().squeeze(1)  # [n_keep] int64
+        n_keep, rows = _kept_rows(labels, ignore_index)
         logp = torch.zeros(N, dtype=odt, device=hidden.device)  # [N]
         lse = torch.zeros(N, dtype=odt, device=hidden.device)  # [N]
         ent = torch.zeros(N, dtype=odt, device=hidden.device) if want_entropy else None  # [N]
@@ -209,7 +257,6 @@ class LinearLogprobsEntropy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dlogp, dent):
         hidden, weight, bias, labels, rows, lse, ent = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if not ctx.want_entropy:
             dent = None
         none = (None,) * 7
@@ -218,14 +265,7 @@ class LinearLogprobsEntropy(torch.autograd.Function):
         dt = lse.dtype
         dlogp = dlogp.reshape(-1).to(dt).contiguous() if dlogp is not None else None  # [N]
         dent = dent.reshape(-1).to(dt).contiguous() if dent is not None else None  # [N]
-        N, H = hidden.shape
-        V = weight.shape[0]
-        # Ignored rows get exactly zero gradient: zeros where some rows are skipped.
-        alloc = torch.empty if rows is None else torch.zeros
-        dh = alloc(N, H, dtype=hidden.dtype, device=hidden.device) if need_h else None  # [N, H]
-        acc = ctx.accum_dtype
-        dW = torch.zeros(V, H, dtype=acc, device=weight.device) if need_w else None  # [V, H]
-        db = torch.zeros(V, dtype=acc, device=weight.device) if need_b else None  # [V]
+        dh, dW, db = _grad_buffers(hidden, weight, bias, rows, ctx.needs_input_grad[:3], ctx.accum_dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             for r0, r1 in _chunk_bounds(ctx.n_keep, ctx.chunk):
                 h_c = _take(hidden, rows, r0, r1)  # [n, H]
@@ -236,19 +276,68 @@ class LinearLogprobsEntropy(torch.autograd.Function):
                     _take(ent, rows, r0, r1), _take(dlogp, rows, r0, r1), _take(dent, rows, r0, r1),
                     ctx.inv_temp, ctx.ignore_index, g3,
                 )
-                if need_h:
-                    if rows is None:
-                        torch.mm(g, weight, out=dh[r0:r1])  # [n, H]
-                    else:
-                        dh.index_copy_(0, rows[r0:r1], g @ weight)
-                if need_w or need_b:
-                    _accumulate_param_grads(dW, db, g, h_c)
+                _chunk_param_grads(g, h_c, weight, rows, r0, r1, dh, dW, db)
                 del g
-        if dW is not None and dW.dtype != weight.dtype:
-            dW = dW.to(weight.dtype)
-        if db is not None and db.dtype != bias.dtype:
-            db = db.to(bias.dtype)
+        dW, db = _finish_param_grads(dW, db, weight, bias)
         return (dh, dW, db) + none
+
+
+class LinearTokenSeparableLoss(torch.autograd.Function):
+    """A loss ``sum_n f_n(logp_n, ent_n)`` whose per-token upstream gradients are known in forward.
+
+    PPO / GRPO are such losses: every ``loss_agg`` mode is ``sum_n w_n * per_token_n`` with
+    weights ``w`` fixed by the mask. So each chunk's logits gradient is formed right after its
+    forward (Liger Kernel's fused linear cross-entropy does the same), which saves the logits
+    recomputation of :class:`LinearLogprobsEntropy` (one of four ``N x V x H`` matmuls).
+    The gradients are computed whenever this runs and held until backward (``dh [N, H]``,
+    ``dW [V, H]``), then scaled by the upstream gradient of the loss.
+
+    ``token_grads(sel, logp_c, ent_c) -> (dlogp_c, dent_c or None)`` gives the chunk's upstream
+    gradients (``sel`` picks the chunk's rows of any ``[N]`` tensor); ``finish(logp, ent)``
+    returns the loss value from the full ``[N]`` values (and may record stats on the side).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, token_grads, finish, temperature, ignore_index, want_entropy,
+                backend, chunk, accum_dtype):
+        N = hidden.shape[0]
+        odt = out_dtype(weight)
+        inv_temp = 1.0 / temperature
+        n_keep, rows = _kept_rows(labels, ignore_index)
+        logp = torch.zeros(N, dtype=odt, device=hidden.device)  # [N]
+        ent = torch.zeros(N, dtype=odt, device=hidden.device) if want_entropy else None  # [N]
+        dh, dW, db = _grad_buffers(hidden, weight, bias, rows, ctx.needs_input_grad[:3], accum_dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for r0, r1 in _chunk_bounds(n_keep, chunk):
+                h_c = _take(hidden, rows, r0, r1)  # [n, H]
+                lab_c = _take(labels, rows, r0, r1)
+                g = _chunk_logits(h_c, weight, bias)  # [n, V] logits, then overwritten by their gradient
+                g3 = g.unsqueeze(0)  # [1, n, V]
+                lp, en, ls = row_forward(backend, g3, lab_c, inv_temp, ignore_index, want_entropy)
+                _put(logp, rows, r0, r1, lp)
+                if want_entropy:
+                    _put(ent, rows, r0, r1, en)
+                dlogp_c, dent_c = token_grads(lambda t, r0=r0, r1=r1: _take(t, rows, r0, r1), lp, en)
+                row_backward(backend, g3, lab_c, ls, en, dlogp_c, dent_c, inv_temp, ignore_index, g3)
+                _chunk_param_grads(g, h_c, weight, rows, r0, r1, dh, dW, db)
+                del g
+        dW, db = _finish_param_grads(dW, db, weight, bias)
+        loss = finish(logp, ent)
+        ctx.save_for_backward(dh, dW, db)
+        ctx.set_materialize_grads(False)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dloss):
+        dh, dW, db = ctx.saved_tensors
+        none = (None,) * 9
+        if dloss is None:
+            return (None, None, None) + none
+        if bool(dloss == 1):  # loss.backward(): hand the buffers over (autograd takes them without a copy)
+            return (dh, dW, db) + none
+        # d(c * loss) = c * d(loss); out of place, so a retained graph keeps the unscaled gradients.
+        return tuple(None if t is None else t * dloss.to(t.dtype) for t in (dh, dW, db)) + none
 
 
 # ----------------------------------------------------------------------------------------
@@ -323,9 +412,8 @@ def _autocast(hidden, weight, bias):
     return cast(hidden), cast(weight), cast(bias)
 
 
-def _linear_forward(hidden, weight, bias, labels, temperature, ignore_index, want_entropy, chunk_size, accum_dtype,
-                    backend):
-    """Checks, then ``(logp, ent)`` shaped like ``labels`` (``ent`` None unless wanted)."""
+def _prepare(hidden, weight, bias, labels, temperature, ignore_index, chunk_size, accum_dtype, backend):
+    """Checks and resolved settings: ``(h2 [N, H], weight, bias, labels [N], temperature, backend, chunk, accum)``."""
     if isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor):
         hidden, weight, bias = _autocast(hidden, weight, bias)
     _check_linear_inputs(hidden, weight, bias, labels, ignore_index)
@@ -333,7 +421,6 @@ def _linear_forward(hidden, weight, bias, labels, temperature, ignore_index, wan
     resolved = resolve_backend(backend, hidden.device)
     if resolved == "native" and backend == "auto" and weight.dtype == torch.float64:
         resolved = "torch"  # the native passes take fp32/bf16/fp16 logits only
-    backend = resolved
     N = labels.numel()
     V = weight.shape[0]
     if chunk_size is None:
@@ -348,11 +435,89 @@ def _linear_forward(hidden, weight, bias, labels, temperature, ignore_index, wan
         raise TypeError(f"accum_dtype must be one of {FLOAT_DTYPES} or None, got {accum_dtype!r}")
     h2 = hidden.reshape(N, hidden.shape[-1])  # [N, H]; a copy only for leading dims that cannot merge
     lab = labels.reshape(-1).contiguous()  # [N]
+    return h2, weight, bias, lab, temperature, resolved, chunk, accum_dtype
+
+
+def _linear_forward(hidden, weight, bias, labels, temperature, ignore_index, want_entropy, chunk_size, accum_dtype,
+                    backend):
+    """Checks, then ``(logp, ent)`` shaped like ``labels`` (``ent`` None unless wanted)."""
+    h2, weight, bias, lab, temperature, backend, chunk, accum_dtype = _prepare(
+        hidden, weight, bias, labels, temperature, ignore_index, chunk_size, accum_dtype, backend
+    )
     logp, ent = LinearLogprobsEntropy.apply(
         h2, weight, bias, lab, temperature, ignore_index, want_entropy, backend, chunk, accum_dtype
     )
     shape = labels.shape
     return logp.view(shape), (ent.view(shape) if ent is not None else None)
+
+
+# PPO / GRPO form their gradients in the forward pass (LinearTokenSeparableLoss) when autograd
+# will want them; False always takes the two-pass LinearLogprobsEntropy route (for A/B tests).
+FUSE_PPO_BACKWARD = True
+
+
+def _use_fused_ppo(hidden, weight, bias, data) -> bool:
+    if not FUSE_PPO_BACKWARD or not torch.is_grad_enabled():
+        return False
+    if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in (hidden, weight, bias)):
+        return False
+    # The fused route treats old_logprobs / advantages / ref_logprobs / mask as constants.
+    return not any(isinstance(t, torch.Tensor) and t.requires_grad for t in data)
+
+
+def _fused_ppo_clip_loss(hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, temperature,
+                         ignore_index, want_entropy, chunk_size, accum_dtype, backend, opts):
+    h2, weight, bias, lab, temperature, backend, chunk, accum_dtype = _prepare(
+        hidden, weight, bias, labels, temperature, ignore_index, chunk_size, accum_dtype, backend
+    )
+    odt = out_dtype(weight)
+    bt = ref.as_batch_time
+    # Per-token constants of the loss, flattened to [N]: sum_n w_n * per_token_n with the
+    # aggregation weights w of loss_agg (fixed by the mask alone).
+    counted = labels != ignore_index
+    if mask is not None:
+        counted = counted & mask.bool()
+    w = ref.loss_agg_weights(bt(counted).to(odt), opts["loss_agg"]).reshape(-1)  # [N]
+    old = old_logprobs.reshape(-1).to(odt)  # [N]
+    if advantages.dim() == 1 and labels.dim() >= 2:  # per sequence: broadcast over T
+        advantages = advantages.reshape(-1, 1).expand(bt(labels).shape)
+    adv = advantages.reshape(-1).to(odt)  # [N]
+    refl = ref_logprobs.reshape(-1).to(odt) if ref_logprobs is not None else None  # [N]
+    token_opts = {k: v for k, v in opts.items() if k != "loss_agg"}
+    entropy_term = opts["entropy_coef"] > 0
+
+    def token_grads(sel, logp_c, ent_c):
+        # The reference's per-token math on this chunk, differentiated by autograd. With one
+        # "sequence" and the weights w as its mask, loss_agg="seq-mean-token-sum" is exactly
+        # sum_n w_n * per_token_n (API.md: mean over sequences of sum_t(pg * m)).
+        with torch.enable_grad():
+            lp = logp_c.detach().to(odt).requires_grad_()
+            en = ent_c.detach().to(odt).requires_grad_() if entropy_term else None
+            loss_c, _ = ref.ppo_clip_loss_from_logprobs(
+                lp[None], sel(w)[None], sel(old)[None], sel(adv)[None],
+                entropy=None if en is None else en[None],
+                ref_logprobs=None if refl is None else sel(refl)[None],
+                loss_agg="seq-mean-token-sum", **token_opts,
+            )
+            grads = torch.autograd.grad(loss_c, [lp] if en is None else [lp, en])
+        return grads[0], (grads[1] if en is not None else None)
+
+    stats = {}
+
+    def finish(logp, ent):
+        shape = labels.shape
+        loss, st = ppo_loss_from_token_values(
+            logp.view(shape), None if ent is None else ent.view(shape), labels, old_logprobs, advantages, mask,
+            ref_logprobs, ignore_index, **opts,
+        )
+        stats.update(st)
+        return loss.detach()
+
+    loss = LinearTokenSeparableLoss.apply(
+        h2, weight, bias, lab, token_grads, finish, temperature, ignore_index, want_entropy, backend, chunk,
+        accum_dtype,
+    )
+    return loss, stats
 
 
 # ----------------------------------------------------------------------------------------
@@ -456,13 +621,15 @@ def linear_ppo_clip_loss(
     _check_ppo_args(hidden, labels, old_logprobs, advantages, mask, ref_logprobs, kl_coef, kl_estimator,
                     clip_low, clip_high, dual_clip, loss_agg, entropy_coef)
     want_entropy = entropy_coef > 0 or compute_entropy
+    opts = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
+                kl_estimator=kl_estimator, entropy_coef=entropy_coef, loss_agg=loss_agg)
+    if _use_fused_ppo(hidden, weight, bias, (old_logprobs, advantages, mask, ref_logprobs)):
+        return _fused_ppo_clip_loss(hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs,
+                                    temperature, ignore_index, want_entropy, chunk_size, accum_dtype, backend, opts)
     logp, ent = _linear_forward(hidden, weight, bias, labels, temperature, ignore_index, want_entropy, chunk_size,
                                 accum_dtype, backend)
-    return ppo_loss_from_token_values(
-        logp, ent, labels, old_logprobs, advantages, mask, ref_logprobs, ignore_index,
-        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
-        kl_estimator=kl_estimator, entropy_coef=entropy_coef, loss_agg=loss_agg,
-    )
+    return ppo_loss_from_token_values(logp, ent, labels, old_logprobs, advantages, mask, ref_logprobs, ignore_index,
+                                      **opts)
 
 
 def linear_grpo_loss(

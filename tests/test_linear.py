@@ -173,7 +173,9 @@ def _ppo_data(B, T, logp_ref, seed, use_mask=False, per_seq_adv=False):
 
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("config", list(PPO_CONFIGS))
-def test_ppo_clip_loss_matches_reference(backend, config):
+@pytest.mark.parametrize("fused", [True, False], ids=["grad-in-forward", "two-pass"])
+def test_ppo_clip_loss_matches_reference(backend, config, fused, monkeypatch):
+    monkeypatch.setattr(fastrlhf.linear, "FUSE_PPO_BACKWARD", fused)
     opts = dict(PPO_CONFIGS[config])
     use_mask, per_seq, bias = opts.pop("use_mask", False), opts.pop("per_seq_adv", False), opts.pop("bias", False)
     B, T, H, V = _dims(backend)
@@ -189,11 +191,13 @@ def test_ppo_clip_loss_matches_reference(backend, config):
     opts.pop("compute_entropy", None)
     loss64, stats64 = R.linear_ppo_clip_loss(h64, w64, labels, old, adv, bias=b64, mask=mask, **opts)
     assert loss.shape == () and loss.dtype == torch.float32
+    assert (type(loss.grad_fn).__name__ == "LinearTokenSeparableLossBackward") == fused
     torch.testing.assert_close(loss.double(), loss64, atol=2e-5, rtol=0)
     want_entropy = opts.get("entropy_coef", 0) > 0 or "compute_entropy" in PPO_CONFIGS[config]
     assert ("entropy" in stats) == want_entropy
     if want_entropy and "entropy" not in stats64:  # compute_entropy: the stat without an entropy term
-        _, ent64 = R.linear_token_logprobs_and_entropy(h64, w64, labels, bias=b64, temperature=opts.get("temperature", 1.0))
+        temperature = opts.get("temperature", 1.0)
+        _, ent64 = R.linear_token_logprobs_and_entropy(h64, w64, labels, bias=b64, temperature=temperature)
         counted = (labels != -100) & (mask if mask is not None else True)
         stats64 = dict(stats64, entropy=(ent64.detach() * counted).sum() / counted.sum())
     _check_stats(stats, stats64)
@@ -240,6 +244,37 @@ def test_dpo_loss_matches_reference(backend, loss_type, smoothing):
     _check_stats(stats, stats64)
     grads = _check_grads(loss, loss64, [hidden, weight, b], [h64, w64, b64])
     assert (grads[0][:, :2] == 0).all(), "prompt tokens must get exactly zero hidden gradient"
+
+
+def test_grad_in_forward_scaling_retain_graph_and_no_grad():
+    """PPO gradients formed in forward: scaled by the upstream gradient, kept for a retained graph,
+    not formed at all under no_grad; a loss differentiable in the advantages takes the two-pass route."""
+    hidden, weight, b, labels = _inputs(2, 9, 32, 1000, bias=True, seed=43)
+    h64, w64, b64 = _as64(hidden, weight, b)
+    old, adv, _, mask = _ppo_data(2, 9, R.linear_token_logprobs(h64, w64, labels, bias=b64), seed=44, use_mask=True)
+    ref_kw = dict(mask=mask, entropy_coef=0.01)
+    kw = dict(ref_kw, chunk_size=4, backend="torch")
+    loss, _ = fastrlhf.linear_ppo_clip_loss(hidden, weight, labels, old, adv, bias=b, **kw)
+    loss64, _ = R.linear_ppo_clip_loss(h64, w64, labels, old, adv, bias=b64, **ref_kw)
+    assert type(loss.grad_fn).__name__ == "LinearTokenSeparableLossBackward"
+    (-0.7 * loss).backward(retain_graph=True)
+    (-0.7 * loss64).backward()
+    for t, t64 in zip([hidden, weight, b], [h64, w64, b64]):
+        assert_grad_close(t.grad, t64.grad, torch.float32)
+    first = [t.grad.clone() for t in (hidden, weight, b)]
+    loss.backward()  # the retained graph still holds the unscaled gradients
+    for t, g0 in zip([hidden, weight, b], first):
+        torch.testing.assert_close(t.grad, g0 / -0.7 * 0.3, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        loss_ng, _ = fastrlhf.linear_ppo_clip_loss(hidden, weight, labels, old, adv, bias=b, **kw)
+    assert loss_ng.grad_fn is None and torch.equal(loss_ng, loss.detach())
+    adv = adv.clone().requires_grad_()
+    loss, _ = fastrlhf.linear_ppo_clip_loss(hidden, weight, labels, old, adv, bias=b, **kw)
+    assert type(loss.grad_fn).__name__ != "LinearTokenSeparableLossBackward"
+    (g_adv,) = torch.autograd.grad(loss, adv)
+    loss64, _ = R.linear_ppo_clip_loss(h64, w64, labels, old, adv, bias=b64, **ref_kw)
+    (g_adv64,) = torch.autograd.grad(loss64, adv)
+    torch.testing.assert_close(g_adv, g_adv64.float(), atol=1e-6, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------
