@@ -52,8 +52,12 @@ def available_backends() -> Dict[str, bool]:
     return {"triton": _triton_importable(), "native": native_available(), "torch": True}
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend ("triton", "native" or "torch") for tensors on ``device``."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The concrete backend ("triton", "native" or "torch") for tensors on ``device``.
+
+    ``auto`` sends fp64 CPU tensors to the torch path (the native backend computes in fp32 and
+    takes fp32 / bf16 / fp16 only).
+    """
     if backend == "auto":
         backend = os.environ.get(_ENV, "auto") or "auto"
     if backend not in BACKENDS:
@@ -63,6 +67,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             if not _triton_importable():
                 raise RuntimeError(f"CUDA tensors need the Triton backend, which failed to load: {_triton_error}")
             return "triton"
+        if dtype == torch.float64:
+            return "torch"
         return "native" if native_available() else "torch"
     if backend == "triton":
         if not _triton_importable():
