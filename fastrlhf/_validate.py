@@ -9,6 +9,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 LABEL_DTYPES = (torch.int32, torch.int64)
+MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 def check_temperature(temperature: float) -> float:
@@ -56,16 +57,26 @@ def check_labels(
 def check_token_tensor(
     t: Optional[torch.Tensor], like: torch.Tensor, name: str, allow_per_sequence: bool = False
 ) -> None:
-    """``t`` must be ``like.shape`` (per token) or, if allowed, ``like.shape[:1]`` (per sequence)."""
+    """``t`` must be ``like.shape`` (per token) or, if allowed, ``like.shape[:1]`` (per sequence).
+
+    ``like`` is the labels tensor (already checked against the logits / hidden states). Every
+    per-token input but ``mask`` holds real numbers (log-probabilities, advantages): an integer
+    or bool tensor there is a caller's mix-up (e.g. labels passed as ``old_logprobs``) that a
+    silent cast would hide. ``mask`` may be bool, integer or floating 0/1.
+    """
     if t is None:
         return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if name != "mask" and not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (log-probabilities / advantages), got {t.dtype}")
+    if name == "mask" and (t.is_complex() or t.dtype not in MASK_DTYPES and not t.is_floating_point()):
+        raise TypeError(f"mask must be bool, integer or floating 0/1, got {t.dtype}")
     if t.device != like.device:
-        raise ValueError(f"{name} is on {t.device} but logits are on {like.device}")
+        raise ValueError(f"{name} is on {t.device} but labels are on {like.device}")
     if tuple(t.shape) == tuple(like.shape):
         return
     if allow_per_sequence and like.dim() >= 2 and tuple(t.shape) == tuple(like.shape[:1]):
         return
     want = f"{tuple(like.shape)}" + (f" or {tuple(like.shape[:1])}" if allow_per_sequence and like.dim() >= 2 else "")
-    raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+    raise ValueError(f"{name} must have the shape of labels {want}, got {tuple(t.shape)}")
