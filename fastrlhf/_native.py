@@ -9,8 +9,9 @@ here with torch. A bad input raises ``ValueError`` (or ``TypeError``) naming the
 an out-of-range label found by the C++ pass raises ``ValueError`` too.
 
 The extension is optional: when it was not built, ``available()`` is False and CPU tensors
-use the chunked torch path. fp64 logits are not supported here (``ValueError``); the
-``auto`` backend sends them to the torch path.
+use the chunked torch path. fp64 logits and a vocabulary stride other than 1 are not
+supported here (``ValueError``); ``supports(logits)`` tells ``auto`` to use the torch path
+for them.
 """
 
 from __future__ import annotations
@@ -53,6 +54,17 @@ def load_error() -> str:
 def supports_dtype(dtype: torch.dtype) -> bool:
     """Whether the native passes take logits of ``dtype`` (fp64 is left to the torch path)."""
     return dtype in _DTYPE_CODES
+
+
+def supports(logits: torch.Tensor) -> bool:
+    """Whether ``backend="native"`` can take these logits as they are: built, CPU, fp32 / bf16 /
+    fp16, unit stride over V. ``auto`` should pick the torch path when this is False."""
+    return (
+        available()
+        and logits.device.type == "cpu"
+        and logits.dtype in _DTYPE_CODES
+        and (logits.shape[-1] <= 1 or logits.stride(-1) == 1)
+    )
 
 
 def _ext():

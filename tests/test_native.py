@@ -302,6 +302,15 @@ def test_fp64_logits_are_rejected_by_the_native_backend():
 
 
 @needs_native
+def test_supports_tells_auto_which_logits_native_takes():
+    assert _native.supports(torch.randn(2, 3, 10)[:, :-1])  # leading strides are fine
+    assert _native.supports(torch.randn(4, 10, dtype=torch.bfloat16))
+    assert not _native.supports(torch.randn(4, 10, dtype=torch.float64))
+    assert not _native.supports(torch.randn(10, 4).T)  # stride over V != 1
+    assert not _native.supports(torch.empty(4, 10, device="meta"))
+
+
+@needs_native
 def test_unsupported_dtypes_raise():
     with pytest.raises(TypeError, match="logits"):
         fastrlhf.token_logprobs(torch.zeros(4, 10, dtype=torch.int32), torch.zeros(4, dtype=torch.long),
