@@ -185,6 +185,8 @@ def row_backward(
             f"the gradient must match the logits: got {tuple(out3.shape)} {out3.dtype}, "
             f"logits {tuple(x3.shape)} {x3.dtype}"
         )
+    if any(st == 0 and n > 1 for n, st in zip(out3.shape, out3.stride())):
+        raise ValueError(f"the gradient buffer must not repeat memory (stride 0), got strides {tuple(out3.stride())}")
     B, T, V = x3.shape
     N = B * T
     lab_ptr, lab_bytes = _check_labels(labels, N)

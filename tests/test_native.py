@@ -346,6 +346,8 @@ def test_shape_mismatches_raise():
     _, _, lse = _native.row_forward(x3, None, 1.0, -100, True)
     with pytest.raises(ValueError, match="gradient must match"):
         _native.row_backward(x3, None, lse, None, None, None, 1.0, -100, torch.empty(1, 4, 11))
+    with pytest.raises(ValueError, match="stride 0"):
+        _native.row_backward(x3, None, lse, None, None, None, 1.0, -100, torch.empty(1, 1, 10).expand(1, 4, 10))
     with pytest.raises(ValueError, match="lse"):
         _native.row_backward(x3, None, lse[:3], None, None, None, 1.0, -100, torch.empty_like(x3))
     with pytest.raises(ValueError, match="dent"):
