@@ -52,11 +52,13 @@ def available_backends() -> Dict[str, bool]:
     return {"triton": _triton_importable(), "native": native_available(), "torch": True}
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+def resolve_backend(
+    backend: str, device: torch.device, dtype: torch.dtype | None = None, logits: torch.Tensor | None = None
+) -> str:
     """The concrete backend ("triton", "native" or "torch") for tensors on ``device``.
 
-    ``auto`` sends fp64 CPU tensors to the torch path (the native backend computes in fp32 and
-    takes fp32 / bf16 / fp16 only).
+    ``auto`` on CPU picks native only for what it takes as is (fp32 / bf16 / fp16, unit stride
+    over V; checked on ``logits`` when given, on ``dtype`` otherwise), else the torch path.
     """
     if backend == "auto":
         backend = os.environ.get(_ENV, "auto") or "auto"
@@ -67,9 +69,13 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
             if not _triton_importable():
                 raise RuntimeError(f"CUDA tensors need the Triton backend, which failed to load: {_triton_error}")
             return "triton"
-        if dtype == torch.float64:
+        if not native_available() or dtype == torch.float64:
             return "torch"
-        return "native" if native_available() else "torch"
+        if logits is not None:
+            from . import _native
+
+            return "native" if _native.supports(logits) else "torch"
+        return "native"
     if backend == "triton":
         if not _triton_importable():
             raise RuntimeError(f"backend='triton' is unavailable: {_triton_error}")

@@ -418,7 +418,7 @@ def _prepare(hidden, weight, bias, labels, temperature, ignore_index, chunk_size
         hidden, weight, bias = _autocast(hidden, weight, bias)
     _check_linear_inputs(hidden, weight, bias, labels, ignore_index)
     temperature = check_temperature(temperature)
-    resolved = resolve_backend(backend, hidden.device)
+    resolved = resolve_backend(backend, hidden.device, hidden.dtype)
     if resolved == "native" and backend == "auto" and weight.dtype == torch.float64:
         resolved = "torch"  # the native passes take fp32/bf16/fp16 logits only
     N = labels.numel()

@@ -127,7 +127,7 @@ def _prepare(logits, labels, temperature, ignore_index, backend, process_group=N
     offset, vocab = _vocab_offset(logits, process_group)
     if labels is not None:
         check_labels(labels, logits, ignore_index, vocab_size=vocab)
-    return temperature, resolve_backend(backend, logits.device, logits.dtype), offset
+    return temperature, resolve_backend(backend, logits.device, logits.dtype, logits), offset
 
 
 def token_logprobs(
