@@ -597,14 +597,6 @@ def test_vocab_stride_not_one(backend, layout):
 # ----------------------------------------------------------------------------------------
 
 
-BUG_TORCH_ENTROPY_CANCELLATION = (
-    "_rows.torch_row_forward computes entropy as lse - sum(p * x): at |x| ~ 1e4 the fp32 rounding of "
-    "lse (ulp 1e-3) shifts every p by 5e-4 relative and sum(p * x) by ~5, so H is off by ~4.8 (true "
-    "log 13 = 2.56, got 7.37). Fix: H = log(s) - sum(e * (x - m)) / s with m = max(x), e = exp(x - m), "
-    "s = sum(e), as the Triton and native passes do"
-)
-
-
 def _big_logits(sign, dtype, dev, shape=(B, T, V)):
     """``sign * 1e4 + k * ulp`` with ``k`` in -2..2 (fp16's ulp at 1e4 is 8, bf16's 64): exact in
     ``dtype``, a few ulps apart with ties, as a model with a huge logit offset would give."""
@@ -621,9 +613,8 @@ def _big_params():
     for backend in BACKENDS:
         for dtype in (torch.float16, torch.bfloat16):
             for sign in (1.0, -1.0):
-                mark = xfail_if(backend == "torch", BUG_TORCH_ENTROPY_CANCELLATION)
                 name = f"{backend}-{str(dtype).split('.')[-1]}-{'+' if sign > 0 else '-'}1e4"
-                out.append(pytest.param(backend, dtype, sign, marks=mark, id=name))
+                out.append(pytest.param(backend, dtype, sign, id=name))
     return out
 
 
@@ -647,7 +638,8 @@ def test_logits_of_1e4_in_half_precision(backend, dtype, sign):
     with ``upcast=True``), plus the fp32 spacing at the logits' magnitude: logsumexp is kept
     in fp32 as an absolute number, so ``logp = x - lse`` and ``p = exp(x - lse)`` carry its
     rounding (ulp_32(1e4) ~ 1e-3), which PyTorch's ``log_softmax`` avoids by subtracting the
-    max first (docs/robustness.md, "Precision at huge logits")."""
+    max first (docs/robustness.md, "Precision at huge logits"). Regression: the torch path's
+    entropy was lse - sum(p * x), off by 4.8 here (fixed in _rows.py)."""
     dev = device_for(backend)
     for op in ("token_logprobs_and_entropy", "entropy", "ppo_clip_loss", "dpo_loss"):
         for temperature in (1.0, 0.5):
@@ -668,9 +660,7 @@ def test_logits_of_1e4_in_half_precision(backend, dtype, sign):
             assert err <= 2 * own + 2 * ulp_x / temperature, (op, "grad", temperature, err, own)
 
 
-@pytest.mark.parametrize(
-    "backend", [pytest.param(b, marks=xfail_if(b == "torch", BUG_TORCH_ENTROPY_CANCELLATION)) for b in BACKENDS]
-)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_linear_ops_with_logits_of_1e4(backend, dtype):
     """The fused-linear path makes its logits with a matmul in ``dtype``; with ``H = 1`` and
