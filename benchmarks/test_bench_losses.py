@@ -1,0 +1,28 @@
+"""Policy losses from logits, forward + backward: GRPO-configured PPO-clip and DPO.
+
+PPO: fastrlhf's fused loss against the torch composition, TRL's ``selective_log_softmax`` with
+the loss math on top, and (CUDA) Liger's ``triton_grpo_loss`` and torch.compile.
+"""
+
+import pytest
+import torch
+from conftest import CPU_LOGITS, GPU_LOGITS, run_benchmark
+
+CPU_CASES = [(op, impl) for op in ("ppo", "dpo")
+             for impl in ("fastrlhf", "fastrlhf[torch]", "fastrlhf[inplace]", "torch", "trl")
+             if not (op == "dpo" and impl == "fastrlhf[inplace]")]
+GPU_CASES = [("ppo", i) for i in ("fastrlhf", "fastrlhf[inplace]", "torch", "torch.compile", "trl", "liger")] + [
+    ("dpo", i) for i in ("fastrlhf", "torch", "torch.compile", "trl")]
+
+
+@pytest.mark.parametrize("op,impl", CPU_CASES, ids=[f"{o}-{i}" for o, i in CPU_CASES])
+def test_losses_cpu(benchmark, op, impl):
+    benchmark.group = f"{op} cpu {CPU_LOGITS.label()}"
+    run_benchmark(benchmark, op, impl, CPU_LOGITS, "cpu", torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op,impl", GPU_CASES, ids=[f"{o}-{i}" for o, i in GPU_CASES])
+def test_losses_gpu(benchmark, op, impl):
+    benchmark.group = f"{op} cuda bf16 {GPU_LOGITS.label()}"
+    run_benchmark(benchmark, op, impl, GPU_LOGITS, "cuda", torch.bfloat16, rounds=20)
