@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -20,15 +21,16 @@ from typing import Any, Dict, List, Optional, Sequence
 ALGOS = ("dpo", "grpo", "ppo")
 
 # Embedded default: hyper-parameters tuned so each algorithm shows a clear reward gain within
-# a few minutes on 2 CPU cores. The warm-up leaves the model right on about a fifth of the
-# problems, so there is signal to sharpen.
-TASK_MAX_OPERAND = 20
+# a few minutes on 2 CPU cores. The supervised warm-up is deliberately short: it leaves the
+# model right on part of the problems, so there is signal for RL to sharpen and room to gain.
+TASK_MAX_OPERAND = 10
+TASK_DPO_PAIRS_PER_PROBLEM = 4
 TASK_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "grpo": dict(steps=300, lr=1e-3, prompts_per_step=16, group_size=8, max_new_tokens=4, micro_batch_size=32,
-                 gradient_accumulation_steps=4, beta=0.04, warmup_steps=400),
-    "ppo": dict(steps=300, lr=1e-3, prompts_per_step=64, max_new_tokens=4, micro_batch_size=32,
-                gradient_accumulation_steps=1, ppo_epochs=2, kl_coef=0.05, warmup_steps=400),
-    "dpo": dict(steps=150, lr=1e-3, micro_batch_size=32, gradient_accumulation_steps=1, beta=0.1, warmup_steps=150),
+    "grpo": dict(steps=300, lr=1e-3, lr_warmup_steps=10, prompts_per_step=16, group_size=8, max_new_tokens=4,
+                 micro_batch_size=32, gradient_accumulation_steps=4, beta=0.04, warmup_steps=200),
+    "ppo": dict(steps=300, lr=1e-3, lr_warmup_steps=10, prompts_per_step=64, max_new_tokens=4, micro_batch_size=32,
+                gradient_accumulation_steps=1, ppo_epochs=2, kl_coef=0.05, warmup_steps=200),
+    "dpo": dict(steps=150, lr=1e-4, micro_batch_size=32, gradient_accumulation_steps=1, beta=0.1, warmup_steps=150),
 }
 ANSWER_COLUMNS = ("answer", "solution", "ground_truth")
 
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dataset", help="local JSONL in TRL's format (prompt-only for grpo/ppo, preference for dpo)")
     t.add_argument("--output-dir", help="default: runs/<algo>-<timestamp>")
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace a previous run in --output-dir")
     t.add_argument("--steps", type=int, help="training steps (rollouts for grpo/ppo, updates for dpo)")
     t.add_argument("--lr", type=float)
     t.add_argument("--seed", type=int, default=0)
@@ -54,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--beta", type=float, help="grpo: k3 KL coefficient; dpo: implicit-reward temperature")
     t.add_argument("--kl-coef", type=float, help="ppo: KL penalty coefficient")
     t.add_argument("--loss-type", choices=("sigmoid", "hinge", "ipo", "robust"), help="dpo loss")
+    t.add_argument("--rpo-alpha", type=float, help="dpo: weight of an NLL term on the chosen completions (RPO)")
+    t.add_argument("--lr-warmup-steps", type=int, help="linear learning-rate warm-up steps")
     t.add_argument("--loss-agg", help="grpo/ppo: token-mean | seq-mean-token-mean | seq-mean-token-sum[-norm]")
     t.add_argument("--reward-fn", help="grpo/ppo reward 'module:function' or 'file.py:function'")
     t.add_argument("--reward-model", help="grpo/ppo: local sequence-classification checkpoint scoring completions")
@@ -114,7 +119,7 @@ def _restore_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--resume {args.resume!r} is a {saved['algo']} run, not {args.algo}")
     steps, resume, progress = args.steps, args.resume, args.no_progress
     ns = argparse.Namespace(**saved)
-    ns.resume, ns.output_dir, ns.no_progress = resume, resume, progress
+    ns.resume, ns.output_dir, ns.no_progress, ns.overwrite = resume, resume, progress, False
     if steps is not None:
         ns.steps = steps
     return ns
@@ -132,10 +137,6 @@ def _config(args, cls, embedded: bool):
             values[name] = v
     values.update(seed=args.seed, output_dir=args.output_dir, fused_linear=not args.no_fused_linear,
                   progress=not args.no_progress, save_every=args.save_every, lora_r=args.lora_r)
-    if args.algo == "ppo" and args.kl_coef is not None:
-        values["kl_coef"] = args.kl_coef
-    if args.algo == "dpo" and args.loss_type is not None:
-        values["loss_type"] = args.loss_type
     return cls(**{k: v for k, v in values.items() if k in fields})
 
 
@@ -150,7 +151,7 @@ def _model_and_tokenizer(args, embedded: bool, warmup_rows, device: str):
     if not embedded:
         return load_causal_lm(args.model, device)
     init = os.path.join(args.output_dir, "init")
-    if os.path.isdir(init):  # a resumed run starts from the same warmed-up model
+    if args.resume and os.path.isdir(init):  # a resumed run starts from the same warmed-up model
         tok = AutoTokenizer.from_pretrained(init, local_files_only=True)
         tok.padding_side = "left"
         model = AutoModelForCausalLM.from_pretrained(
@@ -201,6 +202,11 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         args = _restore_args(args)
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", f"{args.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if not args.resume and os.path.exists(os.path.join(args.output_dir, "args.json")):
+        if not args.overwrite:
+            raise SystemExit(f"{args.output_dir} already holds a run: pass --resume {args.output_dir} to continue "
+                             "it, or --overwrite to start over")
+        shutil.rmtree(args.output_dir)
     os.makedirs(args.output_dir, exist_ok=True)
     if not args.resume:
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
@@ -214,7 +220,10 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
 
     # Data, and the supervised warm-up rows for the embedded model.
     if task is not None:
-        rows = task.preference_rows("train") if args.algo == "dpo" else task.prompt_rows("train")
+        if args.algo == "dpo":
+            rows = task.preference_rows("train", pairs_per_problem=TASK_DPO_PAIRS_PER_PROBLEM)
+        else:
+            rows = task.prompt_rows("train")
         warmup_rows = task.sft_rows()
     else:
         rows = load_jsonl(args.dataset)
@@ -257,6 +266,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     def evaluate() -> Dict[str, float]:
         out = {}
         if task is not None:
+            out["train_accuracy"] = greedy_accuracy(trainer.model, tokenizer, task.prompt_rows("train"))
             out["eval_accuracy"] = greedy_accuracy(trainer.model, tokenizer, task.prompt_rows("eval"))
             if args.algo == "dpo":
                 out["eval_reward_accuracy"] = trainer.evaluate(task.preference_rows("eval"))["reward_accuracy"]
@@ -287,11 +297,12 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _window_mean(history, key: str, first: bool) -> Optional[float]:
+    """Mean of ``key`` over the first ``min(10, n/10)`` steps (the start) or the last ``n/10`` (the end)."""
     vals = [h[key] for h in history if key in h]
     if not vals:
         return None
     k = max(1, len(vals) // 10)
-    part = vals[:k] if first else vals[-k:]
+    part = vals[: min(k, 10)] if first else vals[-k:]
     return sum(part) / len(part)
 
 
@@ -300,7 +311,7 @@ def reward_key(algo: str) -> str:
 
 
 def summarize(algo, history, before, after, elapsed, steps_run, config) -> Dict[str, Any]:
-    """Start -> end figures: means over the first and last tenth of the steps, and the evals."""
+    """Start -> end figures: means over the first steps and the last tenth, and the evals before / after."""
     s: Dict[str, Any] = {"algo": algo, "steps": len(history), "steps_this_run": steps_run,
                          "train_time_s": round(elapsed, 1), "fused_linear": config.fused_linear}
     keys = [reward_key(algo), "loss", "kl", "entropy", "clipfrac", "reward_margin", "tokens_per_s"]
@@ -318,11 +329,12 @@ def summarize(algo, history, before, after, elapsed, steps_run, config) -> Dict[
 def format_summary(s: Dict[str, Any]) -> str:
     lines = [f"fastrlhf train {s['algo']}: {s['steps']} steps ({s['steps_this_run']} this run) in "
              f"{s['train_time_s']} s, fused_linear={s['fused_linear']}"]
-    names = {"reward": "train reward (first -> last 10% of steps)",
-             "reward_accuracy": "train reward accuracy (first -> last 10%)",
+    names = {"reward": "train reward (first steps -> last 10% of steps)",
+             "reward_accuracy": "train reward accuracy (first steps -> last 10%)",
              "reward_margin": "train reward margin", "loss": "loss", "kl": "KL to reference",
              "entropy": "entropy", "clipfrac": "clip fraction", "tokens_per_s": "tokens/s",
-             "eval_accuracy": "held-out greedy accuracy (before -> after)",
+             "train_accuracy": "greedy accuracy on the training prompts (before -> after)",
+             "eval_accuracy": "greedy accuracy on held-out prompts (before -> after)",
              "eval_reward_accuracy": "held-out reward accuracy (before -> after)"}
     for key, label in names.items():
         if key in s:

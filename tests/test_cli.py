@@ -47,6 +47,10 @@ def test_resume_continues_the_run(tmp_path):
     assert summary["steps"] == 4 and summary["steps_this_run"] == 2
     with pytest.raises(ValueError, match="dpo run"):
         cli.main(["train", "grpo", "--resume", str(out), "--no-progress"])
+    with pytest.raises(SystemExit, match="already holds a run"):
+        cli.main([*args, "--steps", "1"])
+    cli.main([*args, "--steps", "1", "--overwrite"])
+    assert [r["step"] for r in _lines(out / "metrics.jsonl")] == [1]
 
 
 @pytest.fixture(scope="module")

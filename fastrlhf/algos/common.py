@@ -15,7 +15,7 @@ Implementation choices (and where they come from):
    memory.
 4. AdamW, global-norm gradient clipping (CleanRL detail 11, "global gradient clipping"),
    gradient accumulation over micro-batches with the loss divided by the number of
-   micro-batches (TRL / HF Trainer).
+   micro-batches (TRL / HF Trainer), optional linear lr warm-up (verl's ``lr_warmup_steps``).
 5. bf16 autocast on CUDA with fp32 master weights (verl's FSDP mixed precision);
    ``attn_implementation="flash_attention_2"`` when ``flash_attn`` is importable, else "sdpa".
 6. The batch of step ``s`` is a pure function of ``(seed, s)`` (a seeded permutation per epoch),
@@ -63,7 +63,9 @@ class TrainConfig:
     steps: int = 100
     """Optimizer steps (DPO) or rollout steps (GRPO, PPO) to train for."""
     lr: float = 1e-4
-    """AdamW learning rate (constant)."""
+    """AdamW learning rate (constant after the warm-up)."""
+    lr_warmup_steps: int = 0
+    """Linear learning-rate warm-up from lr / lr_warmup_steps over this many steps (0: constant lr)."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay."""
     adam_betas: tuple = (0.9, 0.999)
@@ -137,6 +139,8 @@ def output_head(model):
     head = unwrap_model(model).get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise ValueError(f"{type(model).__name__} has no linear output embedding (lm_head) to fuse")
+    if hasattr(head, "base_layer"):  # a peft adapter on the lm_head: its weight alone is not the head
+        raise ValueError("LoRA on the lm_head is not supported; leave it out of lora_target_modules")
     return head.weight, getattr(head, "bias", None)
 
 
@@ -487,6 +491,10 @@ class Trainer:
             norm = torch.linalg.vector_norm(
                 torch.stack([p.grad.detach().norm() for p in params if p.grad is not None])
             )
+        # The lr is a pure function of the step (no scheduler state to checkpoint).
+        scale = min(1.0, (self.step + 1) / self.config.lr_warmup_steps) if self.config.lr_warmup_steps > 0 else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr * scale
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)

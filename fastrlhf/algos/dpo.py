@@ -17,7 +17,10 @@ Implementation choices (and where they come from):
    ``hinge`` (SLiC, Zhao et al. 2023), ``ipo``, ``robust`` (Chowdhury et al. 2024).
 5. Prompts truncated from the left and completions from the right to
    ``max_prompt_length`` / ``max_completion_length`` tokens (TRL's truncation modes).
-6. Implicit rewards ``beta * (logp - ref_logp)`` and their accuracy / margin are the logged
+6. Optional NLL on the chosen completions, ``rpo_alpha`` (RPO, Pang et al. 2024; TRL's
+   ``rpo_alpha``; Llama 3's DPO recipe): keeps the chosen likelihood from falling while the
+   margin grows (plain DPO can lower both, Razin et al. 2024).
+7. Implicit rewards ``beta * (logp - ref_logp)`` and their accuracy / margin are the logged
    "reward" (TRL's ``rewards/*`` metrics).
 """
 
@@ -28,7 +31,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from .common import SequenceBatch, TrainConfig, Trainer, encode_completion, encode_prompt, pack_sequences
+from .common import IGNORE_INDEX, SequenceBatch, TrainConfig, Trainer, encode_completion, encode_prompt, pack_sequences
 from .data import preference_texts
 
 
@@ -42,6 +45,8 @@ class DPOConfig(TrainConfig):
     """sigmoid | hinge | ipo | robust."""
     label_smoothing: float = 0.0
     """Assumed label-noise rate (cDPO for sigmoid, robust DPO)."""
+    rpo_alpha: Optional[float] = None
+    """Weight of an NLL term on the chosen completions (RPO, Pang et al. 2024; None: plain DPO)."""
     reference_free: bool = False
     """Use a uniform reference (ref logprobs 0) and keep no reference model."""
     max_prompt_length: Optional[int] = 512
@@ -110,8 +115,15 @@ class DPO(Trainer):
         mb = batch.select(self._pair_rows(sl, b))
         with self.autocast():
             hidden = self.completion_hidden(self.model, mb)  # [2b', R, H]
-            return self.op("dpo_loss", hidden, mb.labels, ref_seq[:b][sl], ref_seq[b:][sl], beta=c.beta,
-                           loss_type=c.loss_type, label_smoothing=c.label_smoothing)
+            loss, stats = self.op("dpo_loss", hidden, mb.labels, ref_seq[:b][sl], ref_seq[b:][sl], beta=c.beta,
+                                  loss_type=c.loss_type, label_smoothing=c.label_smoothing)
+            if c.rpo_alpha:
+                n = sl.stop - sl.start  # chosen rows come first
+                logp = self.op("token_logprobs", hidden[:n], mb.labels[:n])  # [b', R]
+                nll = -logp.sum() / (mb.labels[:n] != IGNORE_INDEX).sum().clamp_min(1)
+                loss = loss + c.rpo_alpha * nll
+                stats = {**stats, "nll": nll.detach()}
+        return loss, stats
 
     def train_step(self, rows: List[Mapping[str, Any]]) -> Dict[str, float]:
         c = self.config

@@ -25,7 +25,7 @@ class ArithmeticTask:
     ``{"prompt", "completion"}`` (SFT) and ``{"prompt", "chosen", "rejected"}`` (DPO).
     """
 
-    def __init__(self, max_operand: int = 20, eval_fraction: float = 0.2, seed: int = 0):
+    def __init__(self, max_operand: int = 10, eval_fraction: float = 0.2, seed: int = 0):
         if max_operand < 2:
             raise ValueError(f"max_operand must be >= 2, got {max_operand}")
         if not 0.0 < eval_fraction < 1.0:
