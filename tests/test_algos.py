@@ -323,6 +323,13 @@ def test_checkpoint_resume_is_exact(tok, task, algo, tmp_path):
         MAKERS[other](tok, task, small_model(tok)).load_checkpoint(ckpt)
 
 
+def test_checkpoints_keep_the_newest(tok, task, tmp_path):
+    t = dpo(tok, task, small_model(tok), output_dir=str(tmp_path), save_every=1, save_total_limit=2)
+    t.train(steps=4)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
+
+
 @pytest.mark.skipif(not HAS_PEFT, reason="peft not installed")
 def test_lora_grpo_reference_is_base_model(tok, task):
     model = small_model(tok)
@@ -400,3 +407,16 @@ def test_dpo_reward_accuracy_above_0_9(tok, task):
     after = t.evaluate(rows)["reward_accuracy"]
     assert before == 0.0  # policy == reference: every margin is exactly 0
     assert after > 0.9, after
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("algo", ["grpo", "ppo", "dpo"])
+def test_cuda_bf16_steps(tok, task, algo):
+    """On CUDA: bf16 autocast around fp32 master weights, Triton-backed fused-linear ops."""
+    model = small_model(tok).to("cuda")
+    t = MAKERS[algo](tok, task, model)
+    assert t.device.type == "cuda" and t.config.bf16
+    for h in t.train(steps=2):
+        assert all(torch.isfinite(torch.tensor(float(v))) for v in h.values()), h
+        assert h["peak_mem_mb"] > 0
+    assert all(p.dtype == torch.float32 for p in t.model.parameters())

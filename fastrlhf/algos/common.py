@@ -35,6 +35,7 @@ import importlib
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -86,6 +87,8 @@ class TrainConfig:
     """Where metrics.jsonl and checkpoints go (None: nothing is written)."""
     save_every: int = 0
     """Save a checkpoint every this many steps (0: only when asked)."""
+    save_total_limit: Optional[int] = 2
+    """Keep only this many newest checkpoint-<step> directories in output_dir (None: keep all)."""
     progress: bool = True
     """Show a tqdm progress bar."""
     lora_r: int = 0
@@ -564,6 +567,10 @@ class Trainer:
             "algo": self.name,
         }
         torch.save(state, os.path.join(path, "trainer_state.pt"))
+        if self.config.output_dir and self.config.save_total_limit:
+            for old in all_checkpoints(self.config.output_dir)[: -self.config.save_total_limit]:
+                if os.path.abspath(old) != os.path.abspath(path):
+                    shutil.rmtree(old, ignore_errors=True)
         return path
 
     def load_checkpoint(self, path: str) -> None:
@@ -596,13 +603,19 @@ class Trainer:
                 f.writelines(json.dumps(r) + "\n" for r in self.history)
 
 
+def all_checkpoints(path: str) -> List[str]:
+    """The ``checkpoint-<step>`` directories under ``path``, oldest step first."""
+    if not os.path.isdir(path):
+        return []
+    names = [d for d in os.listdir(path) if d.startswith("checkpoint-")]
+    steps = sorted(int(d.split("-", 1)[1]) for d in names if d.split("-", 1)[1].isdigit())
+    return [os.path.join(path, f"checkpoint-{s}") for s in steps]
+
+
 def latest_checkpoint(path: str) -> Optional[str]:
     """The ``checkpoint-<step>`` directory with the highest step under ``path`` (None if none)."""
-    if not os.path.isdir(path):
-        return None
-    names = [d for d in os.listdir(path) if d.startswith("checkpoint-")]
-    steps = [int(d.split("-", 1)[1]) for d in names if d.split("-", 1)[1].isdigit()]
-    return os.path.join(path, f"checkpoint-{max(steps)}") if steps else None
+    found = all_checkpoints(path)
+    return found[-1] if found else None
 
 
 # ----------------------------------------------------------------------------------------
