@@ -104,7 +104,8 @@ def torch_row_forward(
             p = torch.exp(x - row_lse.unsqueeze(1))  # [n, V]
             # H = -sum(p * log p) with log p = x - lse: lse - sum(p * x) would cancel two numbers of
             # size |x| and lose ~|x| ulp_32(|x|) (4.8 at |x| = 1e4, where H = 2.6).
-            plogp = torch.where(p > 0, p * (x - row_lse.unsqueeze(1)), torch.zeros_like(p))
+            # p == 0 (x = -inf) contributes 0, not 0 * -inf; a NaN p (NaN logits) must stay NaN.
+            plogp = torch.where(p == 0, torch.zeros_like(p), p * (x - row_lse.unsqueeze(1)))
             h = -plogp.sum(-1)
             if labels is not None:
                 h = torch.where(valid, h, torch.zeros_like(h))
