@@ -53,12 +53,15 @@ def row_lse_entropy(
     """One streaming pass over a row: ``(lse, entropy)`` of ``x = row * inv_temp`` (entropy
     only when ``HAS_ENTROPY``). ``valid`` False loads nothing (masked loads move no bytes)."""
     cols = tl.arange(0, BLOCK_V)
+    # One comparison rather than (offs < V) & valid: triton >= 3.7's interpreter rejects the
+    # mask that `vector & scalar` makes; invalid rows get n_load = 0 and read nothing.
+    n_load = tl.where(valid, V, 0)
     m = tl.zeros([], dtype=tl.float32) - float("inf")  # running max
     s = tl.zeros([], dtype=tl.float32)  # sum exp(x - m)
     sx = tl.zeros([], dtype=tl.float32)  # sum exp(x - m) * (x - m)
     for start in range(0, V, BLOCK_V):
         offs = start + cols
-        x = tl.load(row_ptr + offs.to(tl.int64) * stride_v, mask=(offs < V) & valid, other=float("-inf"))
+        x = tl.load(row_ptr + offs.to(tl.int64) * stride_v, mask=offs < n_load, other=float("-inf"))
         x = x.to(tl.float32) * inv_temp
         # Online logsumexp: with m' = max(m, max(x_blk)),
         #   s' = s * exp(m - m') + sum(exp(x_blk - m')).
@@ -89,11 +92,12 @@ def write_row_grad(
     """Second pass over a row: ``out = inv_temp * (dlogp * (onehot(label) - p) - dent * p * (x - E))``
     with ``p = exp(x - lse)``, ``E = lse - ent``; zeros when not ``valid`` (nothing is read)."""
     cols = tl.arange(0, BLOCK_V)
+    n_load = tl.where(valid, V, 0)  # see row_lse_entropy
     big_e = lse - ent  # E = sum(p * x)
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         cmask = offs < V
-        x = tl.load(row_ptr + offs.to(tl.int64) * stride_v, mask=cmask & valid, other=0.0)
+        x = tl.load(row_ptr + offs.to(tl.int64) * stride_v, mask=offs < n_load, other=0.0)
         x = x.to(tl.float32) * inv_temp
         p = tl.exp(x - lse)
         g = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -128,7 +132,7 @@ def _logprobs_fwd_kernel(
         label = tl.load(labels_ptr + row).to(tl.int64)
         valid = label != ignore_index  # ignored rows read nothing: padding costs no bandwidth
     else:
-        valid = True
+        valid = V >= 0  # every row counts (a tensor, like the labelled branch's)
     lse, ent = row_lse_entropy(row_ptr, V, stride_lv, inv_temp, valid, HAS_ENTROPY, BLOCK_V)
     if HAS_LABELS:
         in_range = valid & (label >= 0) & (label < V)
@@ -164,7 +168,7 @@ def _logprobs_bwd_kernel(
         valid = label != ignore_index
     else:
         label = -1
-        valid = True
+        valid = V >= 0  # every row counts (a tensor, like the labelled branch's)
     lse = tl.load(lse_ptr + row)
     dlogp = 0.0
     dent = 0.0
