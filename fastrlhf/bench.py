@@ -18,9 +18,13 @@ Implementations (a missing one is a row with status ``skipped`` and the reason, 
     flash-attn          ``flash_attn.ops.triton.cross_entropy.cross_entropy_loss``
 
 Metrics (formulas also written into results.json):
-    time        median wall time of one call (forward, or forward + backward). GPU:
+    time        median time of one call (forward, or forward + backward). GPU:
                 ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls, median);
-                CPU: ``time.perf_counter`` around single calls after warm-up, median.
+                CPU: ``time.perf_counter`` around single calls after warm-up, median; the
+                process's CPU time of the same calls (``time.process_time``) is recorded too
+                and drives the numbers with ``--timer cpu``: on a shared machine the wall time
+                includes other processes' time slices (rows where it is 1.5x the CPU time are
+                flagged ``contended``).
     GB/s        ``passes * N * V * bytes(dtype) / time``: the logits ops must read the logits
                 once forward (1 pass); forward + backward reads them again and writes their
                 gradient (3 passes). This is the minimum traffic of any implementation, so the
@@ -855,23 +859,27 @@ def _child(conn, task: dict[str, Any]) -> None:
         conn.close()
 
 
-def _stream_child(conn, threads: int, device: str) -> None:
-    """STREAM-like copy bandwidth (bytes read + written per second) with the benchmark's threads."""
+def _stream_child(conn, threads: int, device: str, timer: str = "wall") -> None:
+    """STREAM-like copy bandwidth (bytes read + written per second) with the benchmark's threads.
+
+    ``timer="cpu"`` times the copies with this process's CPU time, like the measurements.
+    """
     try:
         if device == "cpu":
             torch.set_num_threads(threads)
         n = (256 if device == "cpu" else 1024) * 2**20 // 4  # 256 MiB (CPU) / 1 GiB (GPU) of fp32
         a = torch.ones(n, device=device)
         b = torch.empty_like(a)
+        clock = time.process_time if (timer == "cpu" and device == "cpu") else time.perf_counter
         times = []
         for _ in range(10):
             if device == "cuda":
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0 = clock()
             b.copy_(a)
             if device == "cuda":
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
         conn.send({"bytes_per_s": 2 * n * 4 / min(times[2:])})  # best of 8, as STREAM reports
     except Exception as e:
         conn.send({"error": f"{type(e).__name__}: {e}"})
@@ -944,14 +952,14 @@ class Runner:
                 torch.cuda.empty_cache()
         return res
 
-    def stream_bandwidth(self, threads: int, device: str) -> Optional[float]:
+    def stream_bandwidth(self, threads: int, device: str, timer: str = "wall") -> Optional[float]:
         if self.isolate:
-            res = self._in_child(_stream_child, (threads, device))
+            res = self._in_child(_stream_child, (threads, device, timer))
         else:
             import multiprocessing as mp
 
             a, b = mp.Pipe(duplex=False)
-            _stream_child(b, threads, device)
+            _stream_child(b, threads, device, timer)
             res = a.recv()
         return res.get("bytes_per_s")
 
@@ -1046,8 +1054,8 @@ def add_checks_and_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "fastrlhf_time_ms": cand["time_ms"], "baseline_time_ms": b["time_ms"],
                     "speedup": b["time_ms"] / cand["time_ms"],
                     "fastrlhf_mem_mb": fm, "baseline_mem_mb": bm,
-                    # below 1 MiB the ratio is noise (a few [N] vectors), so it is left empty
-                    "mem_ratio": bm / fm if (fm is not None and bm is not None and fm >= 1.0) else None,
+                    # below 1 MiB a side holds only a few [N] vectors: a ratio of it would be noise
+                    "mem_ratio": bm / fm if (fm is not None and bm is not None and min(fm, bm) >= 1.0) else None,
                 })
     return ratios
 
@@ -1200,6 +1208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device-tag>)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--list", action="store_true", help="list ops and implementations, then exit")
+    p.add_argument("--from-json", metavar="RESULTS_JSON", default=None,
+                   help="re-render table, CSVs and plots from an earlier results.json (no measuring; "
+                        "written next to it unless --out)")
     return p
 
 
@@ -1213,6 +1224,8 @@ def _default_out_dir(tag: str) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``fastrlhf bench [op ...] [options]``; returns the process exit code."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.from_json:
+        return rerender(args.from_json, args.out, plots=not args.no_plots)
     if args.list:
         for op in OPS.values():
             print(f"{op.name:<26} {op.doc}\n{'':<26} impls: {', '.join(op.impls)}")
@@ -1292,10 +1305,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t_start = time.perf_counter()
     peak_bw = gpu_peak_bandwidth(device_name) if mode == "gpu" else None
     peak_src = "NVIDIA datasheet HBM bandwidth" if peak_bw else None
-    copy_bw = runner.stream_bandwidth(args.threads, device)
+    copy_bw = runner.stream_bandwidth(args.threads, device, args.timer if mode == "cpu" else "wall")
     if mode == "cpu" and copy_bw:
         peak_bw = copy_bw
-        peak_src = f"measured STREAM-like copy (2 x 256 MiB / time of b.copy_(a)), {args.threads} thread(s)"
+        peak_src = (f"measured STREAM-like copy (2 x 256 MiB / {args.timer} time of b.copy_(a), best of 8), "
+                    f"{args.threads} thread(s)")
+    elif peak_bw is None and copy_bw:  # a GPU without a datasheet entry: its measured copy bandwidth
+        peak_bw = copy_bw
+        peak_src = "measured device copy (2 x 1 GiB / time of b.copy_(a)); no datasheet entry for this GPU"
     bar = tqdm(total=len(tasks), desc="fastrlhf bench", unit="run", file=sys.stderr, dynamic_ncols=True) \
         if tqdm else None
     for row, task in tasks:
@@ -1310,10 +1327,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     for r in rows:
         r.setdefault("status", "error")
-        derive(r, peak_bw)
-    rows.sort(key=lambda r: (op_names.index(r["op"]), r["V"], r["H"], r["N"], IMPL_ORDER.index(r["impl"])))
-    ratios = add_checks_and_ratios(rows)
-
     meta = {
         "mode": mode,
         "device": device_name,
@@ -1338,24 +1351,48 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "call; wall_ms (perf_counter) and cpu_ms (process_time) both recorded"),
         "memory": "torch.cuda.max_memory_allocated - memory_allocated before the call" if mode == "gpu"
         else "VmHWM - VmRSS around one call in a fresh process (clear_refs=5, mallopt mmap threshold 64 KiB)",
-        "formulas": {
-            "bytes_logits_ops": "passes * N * V * bytes(dtype); forward 1 pass, forward+backward 3 passes "
-                                "(read logits, read logits again, write their gradient)",
-            "bytes_gae": "N * (4 + 4 + 1 + 4 + 4): rewards, values, bool mask read; advantages, returns written",
-            "flops_linear_ops": "matmuls * 2 * N * H * V; forward+backward counts 3 matmuls (logits, dhidden, "
-                                "dweight); recomputation not counted",
-            "speedup": "baseline time / fastrlhf time",
-            "mem_ratio": "baseline peak memory / fastrlhf peak memory (blank when fastrlhf < 1 MiB)",
-        },
+        "formulas": FORMULAS,
         "ops": {name: OPS[name].doc for name in op_names},
     }
+    report(rows, meta, out_dir, plots=not args.no_plots)
+    return 0
+
+
+FORMULAS = {
+    "bytes_logits_ops": "passes * N * V * bytes(dtype); forward 1 pass, forward+backward 3 passes "
+                        "(read logits, read logits again, write their gradient)",
+    "bytes_gae": "N * (4 + 4 + 1 + 4 + 4): rewards, values, bool mask read; advantages, returns written",
+    "flops_linear_ops": "matmuls * 2 * N * H * V; forward+backward counts 3 matmuls (logits, dhidden, "
+                        "dweight); recomputation not counted",
+    "speedup": "baseline time / fastrlhf time",
+    "mem_ratio": "baseline peak memory / fastrlhf peak memory (blank unless both >= 1 MiB)",
+}
+
+
+def report(rows: list[dict[str, Any]], meta: dict[str, Any], out_dir: str, plots: bool = True) -> None:
+    """Derived metrics, checks and ratios; then results.csv, ratios.csv, results.json, PNGs and the table."""
+    peak_bw = meta["peak_bandwidth_gbps"] * 1e9 if meta.get("peak_bandwidth_gbps") else None
+    for r in rows:
+        derive(r, peak_bw)
+    op_order = list(OPS)
+    rows.sort(key=lambda r: (op_order.index(r["op"]), r["V"], r["H"], r["N"], IMPL_ORDER.index(r["impl"])))
+    ratios = add_checks_and_ratios(rows)
     write_csv(os.path.join(out_dir, "results.csv"), rows, ROW_FIELDS)
     write_csv(os.path.join(out_dir, "ratios.csv"), ratios, RATIO_FIELDS)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"meta": meta, "results": rows, "ratios": ratios}, f, indent=1, default=str)
-    plots = [] if args.no_plots else write_plots(rows, out_dir, meta)
+    written = write_plots(rows, out_dir, meta) if plots else []
     print(format_table(rows, ratios, meta))
-    print(f"\nwrote {out_dir}/results.csv, ratios.csv, results.json and {len(plots)} plot(s) in {elapsed:.0f} s")
+    print(f"\nwrote {out_dir}/results.csv, ratios.csv, results.json and {len(written)} plot(s); "
+          f"measured in {meta.get('elapsed_s', 0):.0f} s")
+
+
+def rerender(path: str, out_dir: Optional[str], plots: bool) -> int:
+    """``--from-json``: rebuild table, CSVs and plots of an earlier run without measuring again."""
+    with open(path) as f:
+        data = json.load(f)
+    data["meta"]["formulas"] = FORMULAS  # the derived columns are recomputed with today's definitions
+    report(data["results"], data["meta"], out_dir or os.path.dirname(os.path.abspath(path)), plots)
     return 0
 
 
