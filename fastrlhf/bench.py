@@ -43,7 +43,8 @@ Metrics (formulas also written into results.json):
                 the libraries) in which glibc serves every allocation over 64 KiB with mmap and
                 gives it back on free (``mallopt``, set before the first allocation); after
                 warm-up the kernel's peak-RSS mark is reset (``/proc/self/clear_refs`` = 5) and
-                the growth of ``VmHWM`` over the ``VmRSS`` before one call is the peak. The
+                the growth of ``VmHWM`` over the ``VmRSS`` before one call is the peak
+                (resolution ~0.25 MiB: Linux keeps RSS in per-CPU counters). The
                 timed calls come after that, with glibc's steady-state thresholds restored
                 (mmap only above 32 MiB), so they do not pay a page fault per fresh block.
     ratios      for every fastrlhf row and every baseline at the same op and shape:
@@ -1268,11 +1269,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out_dir = args.out or _default_out_dir(tag)
     os.makedirs(out_dir, exist_ok=True)
 
-    # CPU mode preloads the baselines into the fork server. GPU mode does not: importing them
-    # may query CUDA, and a CUDA driver initialised before fork() is unusable in the children.
-    heavy = ("torch._inductor.compile_fx", "trl.trainer.utils", "liger_kernel.chunked_loss")
-    preload = [m for m in heavy if _installed(m.split(".")[0])] if mode == "cpu" else []
-    runner = Runner(isolate, args.threads, args.timeout, preload)
     n, v, h = _parse_ints(args.n), _parse_ints(args.v), _parse_ints(args.h)
     op_names = args.ops or list(OPS)
     tasks, rows = [], []
@@ -1297,6 +1293,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             timer=args.timer)
                 tasks.append((row, task))
                 rows.append(row)
+
+    # CPU mode preloads the baselines it will run into the fork server. GPU mode does not: importing
+    # them may query CUDA, and a CUDA driver initialised before fork() is unusable in the children.
+    used = {task["impl"] for _, task in tasks}
+    heavy = {"torch.compile": "torch._inductor.compile_fx", "trl": "trl.trainer.utils",
+             "liger": "liger_kernel.chunked_loss"}
+    preload = [m for impl, m in heavy.items() if impl in used and _installed(m.split(".")[0])] if mode == "cpu" else []
+    runner = Runner(isolate, args.threads, args.timeout, preload)
 
     try:
         from tqdm import tqdm
