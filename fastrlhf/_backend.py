@@ -28,9 +28,21 @@ def _triton_importable() -> bool:
         if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
             os.environ["TRITON_INTERPRET"] = "1"
         try:
-            importlib.import_module("fastrlhf.kernels.logprobs")
+            kernels = importlib.import_module("fastrlhf.kernels.logprobs")
         except Exception as e:  # triton missing (non-Linux) or broken
             _triton_error = f"{type(e).__name__}: {e}"
+        else:
+            import triton.language.standard as tl_standard
+            from triton.runtime.interpreter import InterpretedFunction
+
+            decorated = (kernels._logprobs_fwd_kernel, tl_standard.sum)
+            if not torch.cuda.is_available() and not all(isinstance(f, InterpretedFunction) for f in decorated):
+                # Triton was imported before fastrlhf could ask for the interpreter: its own @jit
+                # library (tl.sum, tl.max, ...) was decorated for a GPU this machine does not have.
+                _triton_error = (
+                    "no CUDA device, and the Triton kernels were not built for the interpreter: set "
+                    "TRITON_INTERPRET=1 before importing triton (or anything that imports it) to run them on CPU"
+                )
     return _triton_error is None
 
 

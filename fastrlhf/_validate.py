@@ -80,3 +80,12 @@ def check_token_tensor(
         return
     want = f"{tuple(like.shape)}" + (f" or {tuple(like.shape[:1])}" if allow_per_sequence and like.dim() >= 2 else "")
     raise ValueError(f"{name} must have the shape of labels {want}, got {tuple(t.shape)}")
+
+
+def check_dpo_refs(ref_chosen_logps, ref_rejected_logps, B: int, device: torch.device) -> None:
+    """Reference sequence log-probabilities of DPO: two ``[B]`` tensors on the logits' device."""
+    for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (B,):
+            raise ValueError(f"{name} must be a [B] = [{B}] tensor, got {getattr(t, 'shape', type(t))}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the inputs are on {device}")

@@ -66,8 +66,8 @@ from torch.autograd.function import once_differentiable
 from . import reference as ref
 from ._backend import resolve_backend
 from ._rows import out_dtype, row_backward, row_forward
-from ._validate import FLOAT_DTYPES, check_labels, check_temperature
-from .ops import Stats, _check_ppo_args, ppo_loss_from_token_values
+from ._validate import FLOAT_DTYPES, check_dpo_refs, check_labels, check_temperature
+from .ops import Stats, _check_ppo_args, mask_as_ignored, ppo_loss_from_token_values
 
 __all__ = [
     "linear_token_logprobs",
@@ -623,6 +623,7 @@ def linear_ppo_clip_loss(
     want_entropy = entropy_coef > 0 or compute_entropy
     opts = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
                 kl_estimator=kl_estimator, entropy_coef=entropy_coef, loss_agg=loss_agg)
+    labels = mask_as_ignored(labels, mask, ignore_index)
     if _use_fused_ppo(hidden, weight, bias, (old_logprobs, advantages, mask, ref_logprobs)):
         return _fused_ppo_clip_loss(hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs,
                                     temperature, ignore_index, want_entropy, chunk_size, accum_dtype, backend, opts)
@@ -696,9 +697,7 @@ def linear_dpo_loss(
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     B = hidden.shape[0] // 2
-    for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (B,):
-            raise ValueError(f"{name} must be a [B] = [{B}] tensor, got {getattr(t, 'shape', type(t))}")
+    check_dpo_refs(ref_chosen_logps, ref_rejected_logps, B, hidden.device)
     logp, _ = _linear_forward(hidden, weight, bias, labels, temperature, ignore_index, False, chunk_size,
                               accum_dtype, backend)
     seq = ref.dpo_sequence_logps(logp, labels != ignore_index, loss_type)  # [2B]

@@ -18,6 +18,7 @@ from . import reference as ref
 from ._backend import resolve_backend
 from ._rows import as_rows3d, row_backward, row_forward
 from ._validate import (
+    check_dpo_refs,
     check_labels,
     check_logits,
     check_temperature,
@@ -202,9 +203,12 @@ def kl_estimate(
     """Per-token KL(policy || ref) estimate: k1, k2 or k3 (Schulman 2020); see ``reference.kl_estimate``."""
     if logp.shape != ref_logp.shape:
         raise ValueError(f"ref_logp must have the shape of logp {tuple(logp.shape)}, got {tuple(ref_logp.shape)}")
+    if logp.device != ref_logp.device:
+        raise ValueError(f"ref_logp is on {ref_logp.device} but logp is on {logp.device}")
     if clamp is not None and (len(clamp) != 2 or clamp[0] > clamp[1]):
         raise ValueError(f"clamp must be (lo, hi) with lo <= hi, got {clamp!r}")
-    return ref.kl_estimate(logp, ref_logp, estimator, clamp)
+    dt = torch.float64 if torch.float64 in (logp.dtype, ref_logp.dtype) else torch.float32  # fp32 at least
+    return ref.kl_estimate(logp.to(dt), ref_logp.to(dt), estimator, clamp)
 
 
 def _check_ppo_args(logits, labels, old_logprobs, advantages, mask, ref_logprobs, kl_coef, kl_estimator,
@@ -284,6 +288,7 @@ def ppo_clip_loss(
     want_entropy = entropy_coef > 0 or compute_entropy
     opts = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
                 kl_estimator=kl_estimator, entropy_coef=entropy_coef, loss_agg=loss_agg)
+    labels = mask_as_ignored(labels, mask, ignore_index)
     if backend == "triton" and process_group is None:
         from .kernels.losses import fused_ppo_clip_loss
 
@@ -297,6 +302,14 @@ def ppo_clip_loss(
     logp, ent = out if want_entropy else (out, None)
     return ppo_loss_from_token_values(logp, ent, labels, old_logprobs, advantages, mask, ref_logprobs,
                                       ignore_index, **opts)
+
+
+def mask_as_ignored(labels: torch.Tensor, mask: Optional[torch.Tensor], ignore_index: int) -> torch.Tensor:
+    """Labels with ``mask = 0`` tokens set to ``ignore_index``: the row pass then skips them, so a
+    NaN logit in a masked token cannot reach the loss (a zero weight times NaN is still NaN)."""
+    if mask is None:
+        return labels
+    return labels.masked_fill(~mask.reshape(labels.shape).bool(), ignore_index)
 
 
 def ppo_loss_from_token_values(logp, ent, labels, old_logprobs, advantages, mask, ref_logprobs, ignore_index,
@@ -382,9 +395,7 @@ def dpo_loss(
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     B = logits.shape[0] // 2
-    for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (B,):
-            raise ValueError(f"{name} must be a [B] = [{B}] tensor, got {getattr(t, 'shape', type(t))}")
+    check_dpo_refs(ref_chosen_logps, ref_rejected_logps, B, logits.device)
     temperature, backend, offset = _prepare(logits, labels, temperature, ignore_index, backend, process_group)
     logp = _token_values(logits, labels, temperature, ignore_index, True, False, inplace_backward, backend,
                          process_group, offset)

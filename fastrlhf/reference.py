@@ -245,10 +245,9 @@ def ppo_clip_loss_from_logprobs(
     w = loss_agg_weights(m, loss_agg)
     loss = (per_token * w).sum()
     with torch.no_grad():
-        r = old - logp.detach()
         stats["clipfrac"] = _masked_mean(clipped.to(m.dtype), m)
         stats["ratio_mean"] = _masked_mean(ratio.detach(), m)
-        stats["approx_kl"] = _masked_mean(torch.exp(r.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)) - r - 1.0, m)
+        stats["approx_kl"] = _masked_mean(kl_estimate(logp.detach(), old, "k3"), m)  # r = old - logp
         if entropy is not None:
             stats["entropy"] = _masked_mean(entropy.detach(), m)
         stats["num_tokens"] = m.sum()
@@ -366,15 +365,16 @@ def dpo_loss_from_logprobs(
         if not 0.0 <= eps < 0.5:
             raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {eps}")
         losses = (-(1.0 - eps) * F.logsigmoid(h) + eps * F.logsigmoid(-h)) / (1.0 - 2.0 * eps)
-    loss = losses.mean()
+    n_pairs = max(losses.shape[0], 1)  # no pairs: loss and stats 0, not the NaN mean of nothing
+    loss = losses.sum() / n_pairs
     with torch.no_grad():
         chosen_r = beta * (chosen_logps.detach() - ref_c)
         rejected_r = beta * (rejected_logps.detach() - ref_r)
         stats = {
-            "chosen_rewards": chosen_r.mean(),
-            "rejected_rewards": rejected_r.mean(),
-            "reward_accuracy": (chosen_r > rejected_r).to(dt).mean(),
-            "reward_margin": (chosen_r - rejected_r).mean(),
+            "chosen_rewards": chosen_r.sum() / n_pairs,
+            "rejected_rewards": rejected_r.sum() / n_pairs,
+            "reward_accuracy": (chosen_r > rejected_r).to(dt).sum() / n_pairs,
+            "reward_margin": (chosen_r - rejected_r).sum() / n_pairs,
         }
     return loss, stats
 
@@ -506,3 +506,208 @@ def group_advantages(
         centred = centred / (std + eps)
     return centred.reshape(shape)
 
+
+
+# ----------------------------------------------------------------------------------------
+# The rest of the RLHF pipeline (issue 10): critic-free advantages, reward-model and RRHF
+# losses. Plain loops over rows, tokens and pairs: slow, and obviously the formula.
+# ----------------------------------------------------------------------------------------
+
+__all__ += [
+    "returns_to_go",
+    "rloo_advantages",
+    "reinforce_advantages",
+    "reinforce_plus_plus_advantages",
+    "pairwise_reward_loss",
+    "rrhf_loss_from_logprobs",
+    "rrhf_loss",
+    "linear_rrhf_loss",
+]
+
+
+def _outcome_token_rewards(rewards, mask, logprobs, ref_logprobs, kl_coef, kl_estimator):
+    """``[B, T]`` float64-or-fp32 token rewards: score on the last counted token, minus kl_coef * KL."""
+    B, T = mask.shape
+    dt = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    m = mask.bool()
+    tok = torch.zeros(B, T, dtype=dt)
+    for b in range(B):
+        counted = [t for t in range(T) if m[b, t]]
+        if rewards.dim() == 1:
+            if counted:
+                tok[b, counted[-1]] = float(rewards[b])
+        else:
+            for t in counted:
+                tok[b, t] = float(rewards[b, t])
+        if kl_coef > 0:
+            kl = kl_estimate(logprobs[b].to(dt).cpu(), ref_logprobs[b].to(dt).cpu(), kl_estimator)
+            for t in counted:
+                tok[b, t] -= kl_coef * kl[t]
+    return tok.to(rewards.device), m
+
+
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """``G_t = r_t + gamma * G_next`` where ``next`` is the next counted token; 0 on uncounted tokens."""
+    B, T = rewards.shape
+    out = torch.zeros_like(rewards)
+    m = mask.bool()
+    for b in range(B):
+        g = 0.0
+        for t in reversed(range(T)):
+            if m[b, t]:
+                g = float(rewards[b, t]) + gamma * g
+                out[b, t] = g
+    return out
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024, eq. 7): ``A_i = r_i - mean_{j != i} r_j`` per group."""
+    dt = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    flat = rewards.to(dt).reshape(-1)
+    out = torch.zeros_like(flat)
+    for g0 in range(0, flat.numel(), group_size):
+        for i in range(g0, g0 + group_size):
+            others = [float(flat[j]) for j in range(g0, g0 + group_size) if j != i]
+            out[i] = flat[i] - sum(others) / len(others)
+    return out.reshape(rewards.shape)
+
+
+def reinforce_advantages(
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    baseline: str = "none",
+    logprobs: Optional[torch.Tensor] = None,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k1",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE (Williams 1992): ``A_t = G_t - b``, ``b`` = 0 or the batch mean of the episode returns ``G_0``."""
+    tok, m = _outcome_token_rewards(rewards, mask, logprobs, ref_logprobs, kl_coef, kl_estimator)
+    returns = returns_to_go(tok, m, gamma)
+    b = 0.0
+    if baseline == "mean":
+        episode = [float(returns[i, m[i].nonzero()[0, 0]]) for i in range(m.shape[0]) if m[i].any()]
+        b = sum(episode) / len(episode) if episode else 0.0
+    adv = torch.where(m, returns - b, torch.zeros_like(returns))
+    return adv, returns
+
+
+def reinforce_plus_plus_advantages(
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    group_size: Optional[int] = None,
+    logprobs: Optional[torch.Tensor] = None,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k1",
+    eps: float = 1e-8,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++ (Hu 2025): KL-penalised token rewards, returns-to-go, whitening over all counted tokens.
+
+    ``A = (G - mean) / sqrt(max(var, eps))`` with the biased variance of the counted returns
+    (OpenRLHF); ``group_size`` first centres the outcome scores per group (REINFORCE++-baseline).
+    """
+    if group_size is not None:
+        r = rewards.reshape(-1, group_size)
+        rewards = (r - r.mean(-1, keepdim=True)).reshape(-1)
+    tok, m = _outcome_token_rewards(rewards, mask, logprobs, ref_logprobs, kl_coef, kl_estimator)
+    returns = returns_to_go(tok, m, gamma)
+    values = returns[m]
+    mean = values.mean() if values.numel() else returns.new_zeros(())
+    var = ((values - mean) ** 2).mean() if values.numel() else returns.new_zeros(())
+    adv = torch.where(m, (returns - mean) / torch.sqrt(torch.clamp(var, min=eps)), torch.zeros_like(returns))
+    return adv, returns
+
+
+def pairwise_reward_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    *,
+    margin=None,
+    center_coef: float = 0.0,
+    weights: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
+    """Bradley-Terry: weighted mean of ``-logsigmoid(r_c - r_r - margin)`` + ``center_coef * (r_c + r_r)^2``."""
+    dt = torch.float64 if chosen_rewards.dtype == torch.float64 else torch.float32
+    P = chosen_rewards.shape[0]
+    w = torch.ones(P, dtype=dt) if weights is None else weights.to(dt)
+    margins = [0.0] * P if margin is None else (
+        [float(margin)] * P if not isinstance(margin, torch.Tensor) or margin.dim() == 0 else margin.tolist())
+    terms, correct, chosen, rejected, gap = [], 0.0, 0.0, 0.0, 0.0
+    for i in range(P):
+        rc, rr = chosen_rewards[i].to(dt), rejected_rewards[i].to(dt)
+        term = -F.logsigmoid(rc - rr - margins[i])
+        if center_coef > 0:
+            term = term + center_coef * (rc + rr) ** 2
+        terms.append(w[i] * term)
+        correct += float(w[i]) * float(rc > rr)
+        chosen += float(w[i]) * float(rc)
+        rejected += float(w[i]) * float(rr)
+        gap += float(w[i]) * float(rc - rr)
+    total = float(w.sum())
+    loss = torch.stack(terms).sum() / total
+    stats = {k: torch.tensor(v / total, dtype=dt) for k, v in
+             (("accuracy", correct), ("chosen_rewards", chosen), ("rejected_rewards", rejected),
+              ("reward_margin", gap))}
+    return loss, stats
+
+
+def rrhf_loss_from_logprobs(
+    logp: torch.Tensor,
+    counted: torch.Tensor,
+    rewards: torch.Tensor,
+    group_size: int,
+    *,
+    rank_coef: float = 1.0,
+    sft_coef: float = 1.0,
+    length_penalty: float = 1.0,
+) -> Tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
+    """RRHF (Yuan et al. 2023, eqs. 1-4) on per-token logprobs ``[B * k, T]``, one prompt and one pair at a time."""
+    m = counted.to(logp.dtype)
+    totals = (logp * m).sum(-1)  # [B * k]
+    lengths = m.sum(-1).clamp_min(1.0)
+    per_prompt = []
+    rank_terms, sft_terms = [], []
+    for g0 in range(0, logp.shape[0], group_size):
+        idx = range(g0, g0 + group_size)
+        p = {i: totals[i] / lengths[i] ** length_penalty for i in idx}
+        rank = logp.new_zeros(())
+        for i in idx:
+            for j in idx:
+                if float(rewards[i]) < float(rewards[j]):
+                    rank = rank + torch.relu(p[i] - p[j])
+        best = max(idx, key=lambda i: (float(rewards[i]), -i))  # highest reward, first on ties
+        sft = -totals[best] / lengths[best]
+        rank_terms.append(rank)
+        sft_terms.append(sft)
+        per_prompt.append(rank_coef * rank + sft_coef * sft)
+    loss = torch.stack(per_prompt).mean()
+    stats = {"rank_loss": torch.stack(rank_terms).mean().detach(), "sft_loss": torch.stack(sft_terms).mean().detach()}
+    return loss, stats
+
+
+def rrhf_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    rewards: torch.Tensor,
+    *,
+    group_size: int,
+    rank_coef: float = 1.0,
+    sft_coef: float = 1.0,
+    length_penalty: float = 1.0,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    upcast: bool = True,
+) -> Tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
+    """RRHF from ``logits [B * k, T, V]``: full log-softmax + gather, then the pair loops."""
+    logp = token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index, upcast=upcast)
+    return rrhf_loss_from_logprobs(logp, labels != ignore_index, rewards, group_size, rank_coef=rank_coef,
+                                   sft_coef=sft_coef, length_penalty=length_penalty)
+
+
+def linear_rrhf_loss(hidden, weight, labels, rewards, *, bias=None, **kwargs):
+    return rrhf_loss(_linear_logits(hidden, weight, bias), labels, rewards, **kwargs)
