@@ -1,11 +1,14 @@
 """pytest-benchmark suites: ``pytest benchmarks/ --benchmark-only``.
 
+Shapes: tiny on CPU (N = 64 tokens, V = 4096: seconds for the whole suite, still V-bound
+work); on CUDA a Qwen2.5-7B-sized micro-batch (16 x 1024 tokens, V = 151936, H = 3584).
+
 Each benchmark reuses the case builders of ``fastrlhf.bench`` (the same inputs and callables
 as ``fastrlhf bench``), first checks the implementation's output against the plain PyTorch
 composition (``fastrlhf.reference``) on the same inputs, then times one forward (+ backward).
 
-CPU cases use tiny shapes so the whole suite stays within a minute or two on 2 cores (CI);
-``@pytest.mark.gpu`` cases use RLHF shapes and skip without CUDA. An implementation that is
+The CPU cases take about 20 s on 2 cores (fit for CI); ``@pytest.mark.gpu`` cases skip
+without CUDA. An implementation that is
 not installed (TRL, Liger-Kernel, flash-attn, the fused-linear ops) skips with the reason.
 """
 
@@ -23,15 +26,6 @@ if not torch.cuda.is_available():
 from fastrlhf import bench  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
-
-# Tiny CPU shapes (N = 64 tokens): seconds for the whole suite, still V-bound work.
-CPU_LOGITS = bench.Shape(B=2, T=32, V=4096)
-CPU_LINEAR = bench.Shape(B=2, T=32, V=4096, H=256)
-CPU_GAE = bench.Shape(B=8, T=256)
-# GPU shapes: a Qwen2.5-7B-sized micro-batch (16 x 1024 tokens, V = 151936, H = 3584).
-GPU_LOGITS = bench.Shape(B=16, T=1024, V=151936)
-GPU_LINEAR = bench.Shape(B=16, T=1024, V=151936, H=3584)
-GPU_GAE = bench.Shape(B=256, T=1024)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -63,6 +57,12 @@ def _check(op: str, impl: str, shape: bench.Shape, device: str, dtype: torch.dty
         rtol, atol = 2e-2, 2e-2
     torch.testing.assert_close(out.double(), ref_out.double(), rtol=rtol, atol=atol,
                                msg=lambda m: f"{impl} {op} {shape.label()} differs from torch: {m}")
+
+
+@pytest.fixture
+def bench_run(benchmark):
+    """``bench_run(op, impl, shape, device, dtype, rounds=5)``: :func:`run_benchmark` on this test's fixture."""
+    return lambda *args, **kwargs: run_benchmark(benchmark, *args, **kwargs)
 
 
 def run_benchmark(benchmark, op: str, impl: str, shape: bench.Shape, device: str, dtype: torch.dtype,

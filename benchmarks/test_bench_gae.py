@@ -2,17 +2,21 @@
 
 import pytest
 import torch
-from conftest import CPU_GAE, GPU_GAE, run_benchmark
+
+from fastrlhf import bench
+
+CPU_GAE = bench.Shape(B=8, T=256)
+GPU_GAE = bench.Shape(B=256, T=1024)
 
 
 @pytest.mark.parametrize("impl", ("fastrlhf", "torch"))
-def test_gae_cpu(benchmark, impl):
+def test_gae_cpu(benchmark, bench_run, impl):
     benchmark.group = f"gae cpu {CPU_GAE.label()}"
-    run_benchmark(benchmark, "gae", impl, CPU_GAE, "cpu", torch.float32)
+    bench_run("gae", impl, CPU_GAE, "cpu", torch.float32)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ("fastrlhf", "torch"))
-def test_gae_gpu(benchmark, impl):
+def test_gae_gpu(benchmark, bench_run, impl):
     benchmark.group = f"gae cuda {GPU_GAE.label()}"
-    run_benchmark(benchmark, "gae", impl, GPU_GAE, "cuda", torch.float32, rounds=10)
+    bench_run("gae", impl, GPU_GAE, "cuda", torch.float32, rounds=10)

@@ -6,7 +6,11 @@ the loss math on top, and (CUDA) Liger's ``triton_grpo_loss`` and torch.compile.
 
 import pytest
 import torch
-from conftest import CPU_LOGITS, GPU_LOGITS, run_benchmark
+
+from fastrlhf import bench
+
+CPU_LOGITS = bench.Shape(B=2, T=32, V=4096)
+GPU_LOGITS = bench.Shape(B=16, T=1024, V=151936)
 
 CPU_CASES = [(op, impl) for op in ("ppo", "dpo")
              for impl in ("fastrlhf", "fastrlhf[torch]", "fastrlhf[inplace]", "torch", "trl")
@@ -16,13 +20,13 @@ GPU_CASES = [("ppo", i) for i in ("fastrlhf", "fastrlhf[inplace]", "torch", "tor
 
 
 @pytest.mark.parametrize("op,impl", CPU_CASES, ids=[f"{o}-{i}" for o, i in CPU_CASES])
-def test_losses_cpu(benchmark, op, impl):
+def test_losses_cpu(benchmark, bench_run, op, impl):
     benchmark.group = f"{op} cpu {CPU_LOGITS.label()}"
-    run_benchmark(benchmark, op, impl, CPU_LOGITS, "cpu", torch.float32)
+    bench_run(op, impl, CPU_LOGITS, "cpu", torch.float32)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("op,impl", GPU_CASES, ids=[f"{o}-{i}" for o, i in GPU_CASES])
-def test_losses_gpu(benchmark, op, impl):
+def test_losses_gpu(benchmark, bench_run, op, impl):
     benchmark.group = f"{op} cuda bf16 {GPU_LOGITS.label()}"
-    run_benchmark(benchmark, op, impl, GPU_LOGITS, "cuda", torch.bfloat16, rounds=20)
+    bench_run(op, impl, GPU_LOGITS, "cuda", torch.bfloat16, rounds=20)
