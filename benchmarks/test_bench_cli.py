@@ -5,6 +5,7 @@ checks is the runner: fresh-process measurements, skip reasons, output checks an
 """
 
 import csv
+import importlib.util
 import json
 
 from fastrlhf import bench
@@ -51,5 +52,6 @@ def test_cli_end_to_end(benchmark, tmp_path, capsys):
     ratios = data["ratios"]
     assert {r["baseline"] for r in ratios} == {"torch"}
     assert all(r["speedup"] > 0 for r in ratios)
-    assert (out / "ppo_V4096.png").stat().st_size > 0
-    assert (out / "logprobs-fwdbwd_V4096.png").stat().st_size > 0
+    if importlib.util.find_spec("matplotlib") is not None:  # plots are optional (the bench extra)
+        assert (out / "ppo_V4096.png").stat().st_size > 0
+        assert (out / "logprobs-fwdbwd_V4096.png").stat().st_size > 0
