@@ -77,6 +77,17 @@ def _rows_per_chunk(V: int) -> int:
     return max(1, TORCH_CHUNK_BYTES // (4 * V))
 
 
+def _scaled_rows(xv: torch.Tensor, dt: torch.dtype, inv_temp: float) -> Tuple[torch.Tensor, bool]:
+    """``(x, private)``: the chunk as ``dt`` times ``inv_temp``; ``private`` when ``x`` is a fresh
+    buffer this function may overwrite (not the caller's logits)."""
+    x = xv.to(dt)
+    private = x.data_ptr() != xv.data_ptr()
+    if inv_temp != 1.0:
+        x = x.mul_(inv_temp) if private else x * inv_temp
+        private = True
+    return x, private
+
+
 def torch_row_forward(
     x3: torch.Tensor,
     labels: Optional[torch.Tensor],
@@ -91,22 +102,27 @@ def torch_row_forward(
     logp = torch.empty(N, dtype=dt, device=x3.device) if labels is not None else None
     ent = torch.empty(N, dtype=dt, device=x3.device) if want_entropy else None
     for n0, n1, xv in _row_chunks(x3, _rows_per_chunk(V)):
-        x = xv.to(dt) * inv_temp  # [n, V] fp32 chunk: the only V-sized temporary
-        row_lse = torch.logsumexp(x, dim=-1)  # [n]
-        lse[n0:n1] = row_lse
+        x, private = _scaled_rows(xv, dt, inv_temp)  # [n, V]
         if labels is not None:
             lab = labels[n0:n1].long()
             valid = lab != ignore_index
             safe = torch.where(valid, lab, torch.zeros_like(lab))
-            tgt = x.gather(1, safe.unsqueeze(1)).squeeze(1)
+            tgt = x.gather(1, safe.unsqueeze(1)).squeeze(1)  # [n], read before x is reused
+        m = x.amax(-1, keepdim=True)  # [n, 1]; NaN rows stay NaN
+        m = m.masked_fill(m == float("-inf"), 0.0)  # a row of -inf: lse = -inf, as torch.logsumexp
+        xm = x.sub_(m) if private else x - m  # [n, V] x - max: the chunk's one or two buffers
+        e = torch.exp(xm)  # [n, V]
+        sum_e = e.sum(-1)  # [n]
+        log_s = torch.log(sum_e)
+        row_lse = m.squeeze(1) + log_s
+        lse[n0:n1] = row_lse
+        if labels is not None:
             logp[n0:n1] = torch.where(valid, tgt - row_lse, torch.zeros_like(tgt))
         if want_entropy:
-            p = torch.exp(x - row_lse.unsqueeze(1))  # [n, V]
-            # H = -sum(p * log p) with log p = x - lse: lse - sum(p * x) would cancel two numbers of
-            # size |x| and lose ~|x| ulp_32(|x|) (4.8 at |x| = 1e4, where H = 2.6).
-            # p == 0 (x = -inf) contributes 0, not 0 * -inf; a NaN p (NaN logits) must stay NaN.
-            plogp = torch.where(p == 0, torch.zeros_like(p), p * (x - row_lse.unsqueeze(1)))
-            h = -plogp.sum(-1)
+            # H = log s - sum(e * (x - m)) / s: terms relative to the row max, so no cancellation of
+            # lse against sum(p * x) at large |x|. e * (x - m) is 0 * -inf at x = -inf: zeroed.
+            e.mul_(xm).masked_fill_(xm == float("-inf"), 0.0)
+            h = log_s - e.sum(-1) / sum_e
             if labels is not None:
                 h = torch.where(valid, h, torch.zeros_like(h))
             ent[n0:n1] = h
@@ -128,25 +144,31 @@ def torch_row_backward(
     dt = out_dtype(x3)
     for n0, n1, xv in _row_chunks(x3, _rows_per_chunk(V)):
         ov = _row_view(out3, n0, n1)
-        x = xv.to(dt) * inv_temp  # [n, V]
+        x, private = _scaled_rows(xv, dt, inv_temp)  # [n, V]
         row_lse = lse[n0:n1].to(dt).unsqueeze(1)
-        p = torch.exp(x - row_lse)  # [n, V]
-        g = torch.zeros_like(p)
-        if dent is not None:
-            e = (row_lse - ent[n0:n1].to(dt).unsqueeze(1))  # E = sum(p * x)
-            g -= dent[n0:n1].to(dt).unsqueeze(1) * torch.where(p > 0, p * (x - e), torch.zeros_like(p))
+        logp_v = x.sub_(row_lse) if private else x - row_lse  # [n, V] log p
+        g = torch.exp(logp_v)  # [n, V] p, becomes the gradient in place
+        d = torch.zeros(n1 - n0, 1, dtype=dt, device=x.device)  # [n, 1] dlogp, 0 on ignored rows
         if labels is not None:
             lab = labels[n0:n1].long()
             valid = lab != ignore_index
             if dlogp is not None:
-                d = torch.where(valid, dlogp[n0:n1].to(dt), torch.zeros((), dtype=dt, device=x.device))
-                g -= d.unsqueeze(1) * p
-                hit = valid & (lab >= 0) & (lab < V)  # a label outside this (vocab shard's) row: no one-hot
-                safe = torch.where(hit, lab, torch.zeros_like(lab))
-                g.scatter_add_(1, safe.unsqueeze(1), torch.where(hit, d, torch.zeros_like(d)).unsqueeze(1))
-            g = torch.where(valid.unsqueeze(1), g, torch.zeros((), dtype=dt, device=x.device))
-        g *= inv_temp
-        ov.copy_(g)  # safe when ov aliases xv: x was read into the fp32 copy above
+                d = torch.where(valid, dlogp[n0:n1].to(dt), torch.zeros((), dtype=dt, device=x.device)).unsqueeze(1)
+        if dent is not None:
+            # dent * p * (x - E), with x - E = log p + H; p = 0 (x = -inf) gives 0, not 0 * -inf.
+            term = logp_v.add_(ent[n0:n1].to(dt).unsqueeze(1)).mul_(g).masked_fill_(g == 0, 0.0)
+            term.mul_(dent[n0:n1].to(dt).unsqueeze(1))
+            g.mul_(d).add_(term).neg_()  # -(dlogp * p + dent * p * (x - E))
+        else:
+            g.mul_(d).neg_()
+        if labels is not None:
+            hit = valid & (lab >= 0) & (lab < V)  # a label outside this (vocab shard's) row: no one-hot
+            safe = torch.where(hit, lab, torch.zeros_like(lab))
+            g.scatter_add_(1, safe.unsqueeze(1), torch.where(hit.unsqueeze(1), d, torch.zeros_like(d)))
+            g.masked_fill_(~valid.unsqueeze(1), 0.0)  # exactly 0, also where logits are NaN
+        if inv_temp != 1.0:
+            g.mul_(inv_temp)
+        ov.copy_(g)  # safe when ov aliases xv: every read of xv happened above
 
 
 def row_forward(backend: str, x3, labels, inv_temp, ignore_index, want_entropy):
