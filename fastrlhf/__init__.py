@@ -5,6 +5,7 @@ and from hidden states + lm_head weight (``linear_*``), GAE and group advantages
 """
 
 from ._backend import available_backends
+from .advantages import reinforce_advantages, reinforce_plus_plus_advantages, rloo_advantages
 from .linear import (
     linear_dpo_loss,
     linear_grpo_loss,
@@ -23,6 +24,7 @@ from .ops import (
     token_logprobs,
     token_logprobs_and_entropy,
 )
+from .rank import linear_rrhf_loss, pairwise_reward_loss, rrhf_loss
 
 __version__ = "0.1.0"
 
@@ -42,4 +44,10 @@ __all__ = [
     "linear_dpo_loss",
     "gae",
     "group_advantages",
+    "rloo_advantages",
+    "reinforce_advantages",
+    "reinforce_plus_plus_advantages",
+    "pairwise_reward_loss",
+    "rrhf_loss",
+    "linear_rrhf_loss",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``fastrlhf train {dpo,grpo,ppo}`` (the main job) and ``fastrlhf bench ...``.
+"""Command line: ``fastrlhf train {dpo,grpo,ppo,rm,rrhf,rft}`` (the main job) and ``fastrlhf bench ...``.
 
 With no ``--model``, ``train`` runs an embedded default that needs no download: a tiny Llama
 built from a config, a character-level tokenizer, a short supervised warm-up on small-integer
@@ -6,6 +6,10 @@ addition ("12+7=" -> "19"), then the chosen algorithm with an exactly checkable 
 ``--model PATH`` takes any local Hugging Face checkpoint and ``--dataset FILE`` a local JSONL
 in TRL's formats. At the end it prints a summary (start -> end reward) and writes
 ``curves.png`` (reward and loss) next to ``metrics.jsonl`` in ``--output-dir``.
+
+The classic pipeline: ``fastrlhf train rm`` writes a reward model to ``<out>/final`` (a
+sequence-classification checkpoint), and ``fastrlhf train ppo --reward-model <out>/final``
+optimizes the policy against it.
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-ALGOS = ("dpo", "grpo", "ppo")
+ALGOS = ("dpo", "grpo", "ppo", "rm", "rrhf", "rft")
 
 # Embedded default: hyper-parameters tuned so each algorithm shows a clear reward gain within
 # a few minutes on 2 CPU cores. The supervised warm-up is deliberately short: it leaves the
@@ -31,17 +36,27 @@ TASK_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "ppo": dict(steps=300, lr=1e-3, lr_warmup_steps=10, prompts_per_step=64, max_new_tokens=4, micro_batch_size=32,
                 gradient_accumulation_steps=1, ppo_epochs=2, kl_coef=0.05, warmup_steps=200),
     "dpo": dict(steps=150, lr=1e-4, micro_batch_size=32, gradient_accumulation_steps=1, beta=0.1, warmup_steps=150),
+    "rm": dict(steps=150, lr=3e-4, micro_batch_size=16, gradient_accumulation_steps=1, warmup_steps=200),
+    "rrhf": dict(steps=200, lr=3e-4, lr_warmup_steps=10, prompts_per_step=16, samples_per_prompt=4, max_new_tokens=4,
+                 micro_batch_size=64, gradient_accumulation_steps=1, warmup_steps=200),
+    "rft": dict(steps=200, lr=1e-3, lr_warmup_steps=10, prompts_per_step=16, samples_per_prompt=8, max_new_tokens=4,
+                micro_batch_size=16, gradient_accumulation_steps=1, warmup_steps=200),
 }
+# The embedded reward model ranks the right sum above this many of the 18 wrong sums per training
+# prompt; the other wrong sums are held out to measure how it generalizes to unseen responses.
+TASK_RM_WRONG_PER_PROMPT = 9
 ANSWER_COLUMNS = ("answer", "solution", "ground_truth")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastrlhf", description="fastrlhf: RLHF training with fused kernels.")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train with DPO, GRPO or PPO (no --model: the embedded arithmetic job)")
+    t = sub.add_parser("train", help="train with DPO, GRPO, PPO, a reward model (rm), RRHF or best-of-n RFT "
+                                     "(no --model: the embedded arithmetic job)")
     t.add_argument("algo", choices=ALGOS)
     t.add_argument("--model", help="local Hugging Face causal-LM checkpoint (default: embedded tiny Llama)")
-    t.add_argument("--dataset", help="local JSONL in TRL's format (prompt-only for grpo/ppo, preference for dpo)")
+    t.add_argument("--dataset", help="local JSONL in TRL's format (prompt-only for grpo/ppo/rrhf/rft, "
+                                     "preference for dpo/rm; rm also takes {prompt, responses, scores} rankings)")
     t.add_argument("--output-dir", help="default: runs/<algo>-<timestamp>")
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace a previous run in --output-dir")
@@ -52,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--grad-accum", type=int, dest="gradient_accumulation_steps")
     t.add_argument("--prompts-per-step", type=int, help="grpo/ppo: prompts per rollout")
     t.add_argument("--group-size", type=int, help="grpo: completions per prompt (G)")
+    t.add_argument("--samples-per-prompt", type=int, help="ppo/rrhf/rft: completions per prompt (k, n)")
+    t.add_argument("--advantage-estimator", help="grpo: grpo | rloo | reinforce | reinforce++ | "
+                                                 "reinforce++-baseline; ppo: gae | the last four")
+    t.add_argument("--center-rewards-coef", type=float, help="rm: weight of mean((r_c + r_r)^2)")
     t.add_argument("--max-new-tokens", type=int, help="grpo/ppo: completion length limit")
     t.add_argument("--temperature", type=float, help="grpo/ppo: sampling temperature")
     t.add_argument("--beta", type=float, help="grpo: k3 KL coefficient; dpo: implicit-reward temperature")
@@ -60,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--rpo-alpha", type=float, help="dpo: weight of an NLL term on the chosen completions (RPO)")
     t.add_argument("--lr-warmup-steps", type=int, help="linear learning-rate warm-up steps")
     t.add_argument("--loss-agg", help="grpo/ppo: token-mean | seq-mean-token-mean | seq-mean-token-sum[-norm]")
-    t.add_argument("--reward-fn", help="grpo/ppo reward 'module:function' or 'file.py:function'")
-    t.add_argument("--reward-model", help="grpo/ppo: local sequence-classification checkpoint scoring completions")
+    t.add_argument("--reward-fn", help="grpo/ppo/rrhf/rft reward 'module:function' or 'file.py:function'")
+    t.add_argument("--reward-model", help="grpo/ppo/rrhf/rft: local sequence-classification checkpoint scoring "
+                                          "completions (e.g. the final/ of a `train rm` run)")
     t.add_argument("--warmup-steps", type=int, help="supervised warm-up steps of the embedded model")
     t.add_argument("--task-max-operand", type=int, default=TASK_MAX_OPERAND,
                    help="embedded task: operands drawn from [0, N)")
@@ -179,7 +199,7 @@ def _warmup_rows(algo: str, rows) -> List[Dict[str, str]]:
     for r in rows:
         if not isinstance(r.get("prompt"), str):
             continue
-        if algo == "dpo" and isinstance(r.get("chosen"), str):
+        if algo in ("dpo", "rm") and isinstance(r.get("chosen"), str):
             out.append({"prompt": r["prompt"], "completion": r["chosen"]})
         else:
             for key in ANSWER_COLUMNS:
@@ -189,11 +209,58 @@ def _warmup_rows(algo: str, rows) -> List[Dict[str, str]]:
     return out
 
 
+def task_ranking_rows(task, *, wrong_per_prompt: int = TASK_RM_WRONG_PER_PROMPT, held_out: bool = False,
+                      seed: int = 0) -> List[Dict[str, Any]]:
+    """Reward-model data for the embedded task's training prompts: the right sum ranked above wrong sums.
+
+    Each prompt gets a seeded shuffle of the wrong sums in ``[0, max sum]``; the first
+    ``wrong_per_prompt`` form the ranking ``{"prompt", "responses": [right, wrong...], "scores":
+    [1, 0, ...]}``. ``held_out=True`` instead gives ``{"prompt", "chosen", "rejected"}`` pairs of
+    the right sum against the *other* wrong sums: responses the reward model never saw.
+    """
+    problems = task.train_problems + task.eval_problems
+    top = max(a + b for a, b in problems)
+    rng = random.Random(seed + 2)
+    rows: List[Dict[str, Any]] = []
+    for r in task.prompt_rows("train"):
+        ans = int(r["answer"])
+        wrong = [w for w in range(top + 1) if w != ans]
+        rng.shuffle(wrong)
+        if held_out:
+            rows += [{"prompt": r["prompt"], "chosen": r["answer"], "rejected": str(w)}
+                     for w in wrong[wrong_per_prompt:]]
+        else:
+            rows.append({"prompt": r["prompt"], "responses": [r["answer"]] + [str(w) for w in wrong[:wrong_per_prompt]],
+                         "scores": [1.0] + [0.0] * wrong_per_prompt})
+    return rows
+
+
+def _is_sequence_classifier(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return any(a.endswith("ForSequenceClassification") for a in json.load(f).get("architectures") or [])
+    except (OSError, ValueError):
+        return False
+
+
 def train(args: argparse.Namespace) -> Dict[str, Any]:
     """Run one training job from parsed ``train`` arguments; returns the summary dict."""
     import torch
 
-    from .algos import DPO, GRPO, PPO, DPOConfig, GRPOConfig, PPOConfig
+    from .algos import (
+        DPO,
+        GRPO,
+        PPO,
+        RFT,
+        RRHF,
+        DPOConfig,
+        GRPOConfig,
+        PPOConfig,
+        RewardModel,
+        RewardModelConfig,
+        RFTConfig,
+        RRHFConfig,
+    )
     from .algos.common import load_reward_fn, reward_model_fn
     from .algos.data import load_jsonl
     from .algos.task import ArithmeticTask, greedy_accuracy
@@ -222,17 +289,27 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     if task is not None:
         if args.algo == "dpo":
             rows = task.preference_rows("train", pairs_per_problem=TASK_DPO_PAIRS_PER_PROBLEM)
+        elif args.algo == "rm":
+            rows = task_ranking_rows(task, seed=args.seed)
         else:
             rows = task.prompt_rows("train")
         warmup_rows = task.sft_rows()
     else:
         rows = load_jsonl(args.dataset)
         warmup_rows = _warmup_rows(args.algo, rows)
-    model, tokenizer = _model_and_tokenizer(args, embedded, warmup_rows, device)
+    if args.algo == "rm" and not embedded and _is_sequence_classifier(args.model):  # continue a reward model
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    # Reward (grpo/ppo).
+        model = AutoModelForSequenceClassification.from_pretrained(args.model, local_files_only=True).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    else:  # a causal LM (RewardModel puts the scalar head on it)
+        model, tokenizer = _model_and_tokenizer(args, embedded, warmup_rows, device)
+
+    # Reward (grpo/ppo/rrhf/rft).
     reward_fn, reward_kw = None, {}
-    if args.algo != "dpo":
+    if args.algo not in ("dpo", "rm"):
         if args.reward_fn:
             reward_fn = load_reward_fn(args.reward_fn)
         elif args.reward_model:
@@ -254,18 +331,26 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                 raise SystemExit(f"--dataset rows have none of {ANSWER_COLUMNS}: pass --reward-fn or --reward-model")
             reward_fn = answer_match_reward
 
-    cls, cfg_cls = {"dpo": (DPO, DPOConfig), "grpo": (GRPO, GRPOConfig), "ppo": (PPO, PPOConfig)}[args.algo]
+    cfg_cls = {"dpo": DPOConfig, "grpo": GRPOConfig, "ppo": PPOConfig, "rm": RewardModelConfig, "rrhf": RRHFConfig,
+               "rft": RFTConfig}[args.algo]
     config = _config(args, cfg_cls, embedded and task is not None)
     if args.algo == "dpo":
         trainer = DPO(model, tokenizer, rows, config)
-    elif args.algo == "grpo":
-        trainer = GRPO(model, tokenizer, rows, reward_fn, config)
-    else:
+    elif args.algo == "rm":
+        trainer = RewardModel(model, tokenizer, rows, config)
+    elif args.algo == "ppo":
         trainer = PPO(model, tokenizer, rows, reward_fn, config, **reward_kw)
+    else:
+        trainer = {"grpo": GRPO, "rrhf": RRHF, "rft": RFT}[args.algo](model, tokenizer, rows, reward_fn, config)
 
     def evaluate() -> Dict[str, float]:
         out = {}
-        if task is not None:
+        if task is not None and args.algo == "rm":  # held-out pair accuracy of the reward model
+            out["eval_pair_accuracy_unseen_responses"] = trainer.evaluate(
+                task_ranking_rows(task, seed=args.seed, held_out=True))["accuracy"]
+            out["eval_pair_accuracy_unseen_prompts"] = trainer.evaluate(
+                task.preference_rows("eval", pairs_per_problem=TASK_DPO_PAIRS_PER_PROBLEM))["accuracy"]
+        elif task is not None:
             out["train_accuracy"] = greedy_accuracy(trainer.model, tokenizer, task.prompt_rows("train"))
             out["eval_accuracy"] = greedy_accuracy(trainer.model, tokenizer, task.prompt_rows("eval"))
             if args.algo == "dpo":
@@ -283,8 +368,11 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     trainer.save_checkpoint()
     after = evaluate()
     final = os.path.join(args.output_dir, "final")
-    trainer.model.save_pretrained(final)
-    tokenizer.save_pretrained(final)
+    if args.algo == "rm":
+        trainer.save_pretrained(final)  # a sequence-classification checkpoint, LoRA merged
+    else:
+        trainer.model.save_pretrained(final)
+        tokenizer.save_pretrained(final)
 
     summary = summarize(args.algo, history, before, after, elapsed, trainer.step - start_step, config)
     summary.update(output_dir=args.output_dir, final_model=final)
@@ -307,14 +395,14 @@ def _window_mean(history, key: str, first: bool) -> Optional[float]:
 
 
 def reward_key(algo: str) -> str:
-    return "reward_accuracy" if algo == "dpo" else "reward"
+    return {"dpo": "reward_accuracy", "rm": "accuracy"}.get(algo, "reward")
 
 
 def summarize(algo, history, before, after, elapsed, steps_run, config) -> Dict[str, Any]:
     """Start -> end figures: means over the first steps and the last tenth, and the evals before / after."""
     s: Dict[str, Any] = {"algo": algo, "steps": len(history), "steps_this_run": steps_run,
                          "train_time_s": round(elapsed, 1), "fused_linear": config.fused_linear}
-    keys = [reward_key(algo), "loss", "kl", "entropy", "clipfrac", "reward_margin", "tokens_per_s"]
+    keys = [reward_key(algo), "best_reward", "loss", "kl", "entropy", "clipfrac", "reward_margin", "tokens_per_s"]
     for key in keys:
         a, b = _window_mean(history, key, True), _window_mean(history, key, False)
         if a is not None:
@@ -331,11 +419,15 @@ def format_summary(s: Dict[str, Any]) -> str:
              f"{s['train_time_s']} s, fused_linear={s['fused_linear']}"]
     names = {"reward": "train reward (first steps -> last 10% of steps)",
              "reward_accuracy": "train reward accuracy (first steps -> last 10%)",
+             "accuracy": "train pair accuracy (first steps -> last 10%)",
+             "best_reward": "best-of-group reward (first steps -> last 10%)",
              "reward_margin": "train reward margin", "loss": "loss", "kl": "KL to reference",
              "entropy": "entropy", "clipfrac": "clip fraction", "tokens_per_s": "tokens/s",
              "train_accuracy": "greedy accuracy on the training prompts (before -> after)",
              "eval_accuracy": "greedy accuracy on held-out prompts (before -> after)",
-             "eval_reward_accuracy": "held-out reward accuracy (before -> after)"}
+             "eval_reward_accuracy": "held-out reward accuracy (before -> after)",
+             "eval_pair_accuracy_unseen_responses": "pair accuracy, unseen wrong answers (before -> after)",
+             "eval_pair_accuracy_unseen_prompts": "pair accuracy, held-out problems (before -> after)"}
     for key, label in names.items():
         if key in s:
             a, b = s[key]
@@ -346,6 +438,8 @@ def format_summary(s: Dict[str, Any]) -> str:
         lines.append(f"  peak memory: {s['peak_mem_mb']} MB")
     lines.append(f"  output: {s['output_dir']} (metrics.jsonl, summary.json, final/)"
                  + (f"; curves: {s['curves']}" if s.get("curves") else ""))
+    if s["algo"] == "rm":
+        lines.append(f"  reward model for PPO: fastrlhf train ppo --reward-model {s['final_model']}")
     return "\n".join(lines)
 
 

@@ -113,4 +113,4 @@ def test_bench_missing_is_a_clear_error(monkeypatch, capsys):
 def test_python_dash_m_help():
     r = subprocess.run([sys.executable, "-m", "fastrlhf", "train", "--help"], capture_output=True, text=True,
                        timeout=120)
-    assert r.returncode == 0 and "{dpo,grpo,ppo}" in r.stdout and "--model" in r.stdout
+    assert r.returncode == 0 and "{dpo,grpo,ppo,rm,rrhf,rft}" in r.stdout and "--model" in r.stdout

@@ -1,4 +1,5 @@
-"""PPO, DPO and GRPO training on Hugging Face causal LMs, built only on the public ops.
+"""PPO, DPO, GRPO, reward modelling, RRHF and rejection-sampling fine-tuning on Hugging Face
+causal LMs, built only on the public ops.
 
 Each algorithm is a config dataclass and a thin :class:`~fastrlhf.algos.common.Trainer`
 subclass; the losses are the fused-linear ops (``fastrlhf.linear_*``) on the model's last
@@ -8,7 +9,9 @@ hidden state and lm_head weight, so the ``[B, T, V]`` logits are never built.
     trainer = GRPO(model, tokenizer, [{"prompt": "2+3=", "answer": "5"}, ...], reward_fn, GRPOConfig(steps=100))
     trainer.train()
 
-The command line (``fastrlhf train {dpo,grpo,ppo}``) lives in :mod:`fastrlhf.cli`.
+The classic pipeline: SFT -> :class:`RewardModel` on preference pairs -> :class:`PPO` with
+``reward_model=`` the saved reward model. The command line (``fastrlhf train
+{dpo,grpo,ppo,rm,rrhf,rft}``) lives in :mod:`fastrlhf.cli`.
 """
 
 from .common import (
@@ -27,6 +30,9 @@ from .data import load_jsonl, preference_texts, prompt_text
 from .dpo import DPO, DPOConfig
 from .grpo import GRPO, GRPOConfig
 from .ppo import PPO, PPOConfig, ValueModel
+from .reward import RewardModel, RewardModelConfig, reward_model_from_causal_lm
+from .rft import RFT, RFTConfig
+from .rrhf import RRHF, RRHFConfig
 from .task import ArithmeticTask, greedy_accuracy, tiny_causal_lm
 from .tokenizer import build_char_tokenizer
 
@@ -38,6 +44,13 @@ __all__ = [
     "PPO",
     "PPOConfig",
     "ValueModel",
+    "RewardModel",
+    "RewardModelConfig",
+    "reward_model_from_causal_lm",
+    "RRHF",
+    "RRHFConfig",
+    "RFT",
+    "RFTConfig",
     "Trainer",
     "TrainConfig",
     "SequenceBatch",

@@ -24,6 +24,15 @@ Implementation choices (and where they come from):
    "seq-mean-token-mean" is the paper's; "seq-mean-token-sum-norm" is Dr. GRPO's.
 7. Sampling in ``eval()`` mode with ``top_k=0, top_p=1`` so the sampling distribution is the
    one the loss scores (verl).
+8. ``advantage_estimator`` swaps choice 1 for another critic-free estimator: ``"rloo"``
+   (leave-one-out baseline, Ahmadian et al. 2024, no std division), ``"reinforce"``
+   (returns minus the batch-mean baseline), ``"reinforce++"`` (Hu 2025: returns-to-go whitened
+   over every completion token of the rollout) or ``"reinforce++-baseline"`` (group mean
+   subtracted first). The last three can take a per-token k1 KL penalty in the reward
+   (``reward_kl_coef``, REINFORCE++'s form) besides or instead of GRPO's k3 loss term (``beta``).
+   The std division of ``"grpo"`` is the estimator's weak spot: rewards 1.001 and 1.000 in a
+   group become advantages +-0.71 (``fastrlhf.group_advantages``); ``scale_rewards="none"`` or
+   ``"rloo"`` keep the raw 0.001 difference.
 """
 
 from __future__ import annotations
@@ -62,13 +71,20 @@ class GRPOConfig(TrainConfig):
     loss_agg: str = "token-mean"
     """token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm."""
     scale_rewards: str = "group"
-    """group: divide by the group's std; none: only centre (Dr. GRPO)."""
+    """group: divide by the group's std; none: only centre (Dr. GRPO). For advantage_estimator="grpo"."""
+    advantage_estimator: str = "grpo"
+    """grpo (group-normalised) | rloo | reinforce | reinforce++ | reinforce++-baseline."""
+    reward_kl_coef: float = 0.0
+    """Per-token k1 KL penalty in the reward (reinforce, reinforce++, reinforce++-baseline; 0: none)."""
     micro_batch_size: int = 32
     """Sequences per forward/backward pass."""
     gradient_accumulation_steps: int = 4
     """Micro-batches per optimizer update."""
     lr: float = 1e-5
     """AdamW learning rate."""
+
+
+GRPO_ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce", "reinforce++", "reinforce++-baseline")
 
 
 class GRPO(Trainer):
@@ -89,6 +105,14 @@ class GRPO(Trainer):
             raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {config.group_size}")
         if config.beta < 0:
             raise ValueError(f"beta must be >= 0, got {config.beta}")
+        if config.advantage_estimator not in GRPO_ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"advantage_estimator must be one of {GRPO_ADVANTAGE_ESTIMATORS}, "
+                             f"got {config.advantage_estimator!r}")
+        if config.reward_kl_coef < 0:
+            raise ValueError(f"reward_kl_coef must be >= 0, got {config.reward_kl_coef}")
+        if config.reward_kl_coef > 0 and config.advantage_estimator in ("grpo", "rloo"):
+            raise ValueError(f"reward_kl_coef needs a per-token estimator (reinforce, reinforce++, "
+                             f"reinforce++-baseline), not {config.advantage_estimator!r}; use beta for a KL loss")
         rollout = config.prompts_per_step * config.group_size
         update = config.micro_batch_size * config.gradient_accumulation_steps
         if rollout % update:
@@ -98,13 +122,29 @@ class GRPO(Trainer):
             )
         if not callable(reward_fn):
             raise TypeError("reward_fn must be callable")
-        self.needs_reference = config.beta > 0
+        self.needs_reference = config.beta > 0 or config.reward_kl_coef > 0
         super().__init__(model, tokenizer, config, dataset)
         self.reward_fn = reward_fn
 
     @property
     def rows_per_step(self) -> int:
         return self.config.prompts_per_step
+
+    def advantages(self, rewards: torch.Tensor, mask: torch.Tensor, old_logp: torch.Tensor,
+                   ref_logp: Optional[torch.Tensor]) -> torch.Tensor:
+        """Per-sequence ``[B * G]`` (grpo, rloo) or per-token ``[B * G, R]`` advantages of the rollout."""
+        c, G = self.config, self.config.group_size
+        if c.advantage_estimator == "grpo":
+            return fastrlhf.group_advantages(rewards, G, scale=c.scale_rewards)
+        if c.advantage_estimator == "rloo":
+            return fastrlhf.rloo_advantages(rewards, G)
+        kl = {}
+        if c.reward_kl_coef > 0:
+            kl = dict(logprobs=old_logp, ref_logprobs=ref_logp, kl_coef=c.reward_kl_coef, kl_estimator="k1")
+        if c.advantage_estimator == "reinforce":
+            return fastrlhf.reinforce_advantages(rewards, mask, baseline="mean", **kl)[0]
+        group = G if c.advantage_estimator == "reinforce++-baseline" else None
+        return fastrlhf.reinforce_plus_plus_advantages(rewards, mask, group_size=group, **kl)[0]
 
     def train_step(self, rows: List[Mapping[str, Any]]) -> Dict[str, float]:
         c, G = self.config, self.config.group_size
@@ -118,14 +158,14 @@ class GRPO(Trainer):
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
         rewards = call_reward_fn(self.reward_fn, [p for p in prompts for _ in range(G)], texts, completions,
                                  group_rows, self.device)  # [B * G]
-        advantages = fastrlhf.group_advantages(rewards, G, scale=c.scale_rewards)  # [B * G]
 
         # 2. Logprobs of the sampling policy and of the reference, once per rollout.
         old_logp = self.completion_logprobs(self.model, batch, c.temperature)  # [B * G, R]
         ref_logp = None
-        if c.beta > 0:
+        if self.needs_reference:
             with self.reference() as ref:
                 ref_logp = self.completion_logprobs(ref, batch, c.temperature)
+        advantages = self.advantages(rewards, batch.completion_mask, old_logp, ref_logp)  # [B * G] or [B * G, R]
 
         # 3. num_inner_epochs passes of clipped updates.
         n, accum = len(batch), c.gradient_accumulation_steps

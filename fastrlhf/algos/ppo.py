@@ -28,13 +28,21 @@ Huang et al. 2022; TRL's ``PPOTrainer`` and verl where they add LLM-specific one
    ``micro_batch_size * gradient_accumulation_steps`` sequences.
 9. No entropy bonus by default (``entropy_coef=0``, TRL and verl for LLMs; CleanRL uses 0.01
    for Atari); the entropy is still logged.
+10. ``advantage_estimator`` other than ``"gae"`` drops the critic (OpenRLHF's critic-free
+    estimators): the same per-token rewards (KL penalty + score on the last token) go to
+    ``fastrlhf.reinforce_plus_plus_advantages`` (REINFORCE++, Hu 2025: returns-to-go, global
+    whitening), its ``group_size`` variant over the ``samples_per_prompt`` samples of a prompt
+    (REINFORCE++-baseline), ``fastrlhf.reinforce_advantages`` with the batch-mean baseline
+    (REINFORCE), or, after the leave-one-out baseline on the scores
+    (``fastrlhf.rloo_advantages``, Ahmadian et al. 2024), to plain returns (OpenRLHF's
+    ``rloo``). ``whiten_advantages`` applies to GAE only.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -88,7 +96,9 @@ class PPOConfig(TrainConfig):
     entropy_coef: float = 0.0
     """Entropy bonus weight."""
     whiten_advantages: bool = True
-    """Normalise advantages to zero mean, unit variance over the rollout's completion tokens."""
+    """Normalise GAE advantages to zero mean, unit variance over the rollout's completion tokens."""
+    advantage_estimator: str = "gae"
+    """gae (critic) | reinforce | reinforce++ | reinforce++-baseline | rloo (the last four are critic-free)."""
     ppo_epochs: int = 4
     """Passes over each rollout."""
     loss_agg: str = "token-mean"
@@ -137,6 +147,27 @@ def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return (x * m).sum() / m.sum().clamp_min(1.0)
 
 
+PPO_ADVANTAGE_ESTIMATORS = ("gae", "reinforce", "reinforce++", "reinforce++-baseline", "rloo")
+
+
+def critic_free_advantages(estimator: str, scores: torch.Tensor, mask: torch.Tensor, gamma: float, group_size: int,
+                           **kl) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(advantages, returns)`` ``[B, R]`` of a critic-free estimator from the sequence ``scores [B]``.
+
+    ``kl``: ``logprobs``, ``ref_logprobs``, ``kl_coef``, ``kl_estimator`` of the per-token KL
+    penalty in the reward (empty: none). ``group_size``: samples per prompt (consecutive).
+    """
+    if estimator == "reinforce++":
+        return fastrlhf.reinforce_plus_plus_advantages(scores, mask, gamma=gamma, **kl)
+    if estimator == "reinforce++-baseline":
+        return fastrlhf.reinforce_plus_plus_advantages(scores, mask, gamma=gamma, group_size=group_size, **kl)
+    if estimator == "reinforce":
+        return fastrlhf.reinforce_advantages(scores, mask, gamma=gamma, baseline="mean", **kl)
+    if estimator == "rloo":
+        return fastrlhf.reinforce_advantages(fastrlhf.rloo_advantages(scores, group_size), mask, gamma=gamma, **kl)
+    raise ValueError(f"unknown critic-free advantage_estimator {estimator!r}")
+
+
 class PPO(Trainer):
     """PPO of ``model`` (actor) with a critic, rewarded by ``reward_fn`` or ``reward_model``.
 
@@ -158,6 +189,13 @@ class PPO(Trainer):
             raise ValueError(f"kl_penalty must be 'reward' or 'loss', got {config.kl_penalty!r}")
         if config.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {config.kl_coef}")
+        if config.advantage_estimator not in PPO_ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"advantage_estimator must be one of {PPO_ADVANTAGE_ESTIMATORS}, "
+                             f"got {config.advantage_estimator!r}")
+        if config.advantage_estimator in ("rloo", "reinforce++-baseline") and config.samples_per_prompt < 2:
+            raise ValueError(f"advantage_estimator={config.advantage_estimator!r} needs samples_per_prompt >= 2")
+        if config.advantage_estimator != "gae" and critic is not None:
+            raise ValueError(f"advantage_estimator={config.advantage_estimator!r} is critic-free: pass no critic")
         rollout = config.prompts_per_step * config.samples_per_prompt
         update = config.micro_batch_size * config.gradient_accumulation_steps
         if rollout % update:
@@ -166,17 +204,19 @@ class PPO(Trainer):
                 f"micro_batch_size * gradient_accumulation_steps = {update}"
             )
         self.needs_reference = config.kl_coef > 0
-        if critic is None:
+        if critic is None and config.advantage_estimator == "gae":
             critic = ValueModel.from_policy(model)
             # with LoRA the critic's decoder gets adapters too; its head stays fully trainable
             critic.decoder = apply_lora(critic.decoder, config, task_type=None)
         super().__init__(model, tokenizer, config, dataset)
-        self.critic = critic.to(self.device).train()
+        self.critic = critic.to(self.device).train() if critic is not None else None
         if reward_model is not None:
             reward_fn = reward_model_fn(reward_model, reward_tokenizer or tokenizer)
         self.reward_fn = reward_fn
 
     def trainable_modules(self) -> Dict[str, nn.Module]:
+        if self.critic is None:
+            return {"policy": self.model}
         return {"policy": self.model, "critic": self.critic}
 
     @property
@@ -209,9 +249,11 @@ class PPO(Trainer):
             with self.reference() as ref:
                 ref_logp = self.completion_logprobs(ref, batch, c.temperature)
         with torch.no_grad():
-            old_values = torch.cat([
-                self.completion_values(batch.select(sl)) for sl in micro_batches(len(batch), c.micro_batch_size)
-            ]) * mask  # [B, R]
+            old_values = torch.zeros_like(old_logp)
+            if self.critic is not None:
+                old_values = torch.cat([
+                    self.completion_values(batch.select(sl)) for sl in micro_batches(len(batch), c.micro_batch_size)
+                ]) * mask  # [B, R]
 
             # 3. Per-token rewards: KL penalty on every token, the score on the last one.
             rewards = torch.zeros_like(old_logp)
@@ -222,9 +264,15 @@ class PPO(Trainer):
                     rewards = rewards - c.kl_coef * kl_k1
             last = (mask.sum(-1).long() - 1).clamp_min(0)  # [B] index of the last completion token
             rewards[torch.arange(len(batch), device=self.device), last] += scores
-            advantages, returns = fastrlhf.gae(rewards, old_values, mask, gamma=c.gamma, lam=c.lam)
-            if c.whiten_advantages:
-                advantages = masked_whiten(advantages, mask)
+            if c.advantage_estimator == "gae":
+                advantages, returns = fastrlhf.gae(rewards, old_values, mask, gamma=c.gamma, lam=c.lam)
+                if c.whiten_advantages:
+                    advantages = masked_whiten(advantages, mask)
+            else:
+                kl = {}
+                if ref_logp is not None and c.kl_penalty == "reward":  # the same k1 penalty as in `rewards`
+                    kl = dict(logprobs=old_logp, ref_logprobs=ref_logp, kl_coef=c.kl_coef, kl_estimator="k1")
+                advantages, returns = critic_free_advantages(c.advantage_estimator, scores, mask, c.gamma, S, **kl)
 
         # 4. ppo_epochs passes of clipped actor + critic updates.
         n, accum = len(batch), c.gradient_accumulation_steps
@@ -244,18 +292,21 @@ class PPO(Trainer):
                         ref_logprobs=ref_logp[idx] if kl_loss else None, kl_coef=c.kl_coef if kl_loss else 0.0,
                         kl_estimator="k3", temperature=c.temperature, loss_agg=c.loss_agg, compute_entropy=True,
                     )
-                    values = self.completion_values(mb)  # [b, R]
-                old_v, ret = old_values[idx], returns[idx]
-                v_clipped = old_v + (values - old_v).clamp(-c.cliprange_value, c.cliprange_value)
-                vf_losses = torch.maximum((values - ret) ** 2, (v_clipped - ret) ** 2)
-                vf_loss = 0.5 * _masked_mean(vf_losses, m)
-                loss = pg_loss + c.vf_coef * vf_loss
+                    values = self.completion_values(mb) if self.critic is not None else None  # [b, R]
+                loss = pg_loss
+                mb_stats = {}
+                if values is not None:
+                    old_v, ret = old_values[idx], returns[idx]
+                    v_clipped = old_v + (values - old_v).clamp(-c.cliprange_value, c.cliprange_value)
+                    vf_losses = torch.maximum((values - ret) ** 2, (v_clipped - ret) ** 2)
+                    vf_loss = 0.5 * _masked_mean(vf_losses, m)
+                    loss = pg_loss + c.vf_coef * vf_loss
+                    with torch.no_grad():
+                        vf_clipfrac = _masked_mean(((v_clipped - ret) ** 2 > (values - ret) ** 2).float(), m)
+                    mb_stats = {"vf_loss": vf_loss.detach(), "vf_clipfrac": vf_clipfrac}
                 (loss / accum).backward()
-                with torch.no_grad():
-                    vf_clipfrac = _masked_mean(((v_clipped - ret) ** 2 > (values - ret) ** 2).float(), m)
-                    mb_stats = {"loss": loss.detach(), "pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(),
-                                "vf_clipfrac": vf_clipfrac,
-                                **{("kl_loss" if key == "kl" else key): v for key, v in stats.items()}}
+                mb_stats.update({"loss": loss.detach(), "pg_loss": pg_loss.detach(),
+                                 **{("kl_loss" if key == "kl" else key): v for key, v in stats.items()}})
                 for key, v in mb_stats.items():
                     sums[key] = sums.get(key, 0.0) + float(v)
                 count += 1
@@ -268,7 +319,7 @@ class PPO(Trainer):
             reward=float(scores.mean()),
             kl=float(seq_kl.mean()),
             non_score_reward=float((rewards.sum(-1) - scores).mean()),
-            value_mean=float(_masked_mean(old_values, mask)),
+            **({"value_mean": float(_masked_mean(old_values, mask))} if self.critic is not None else {}),
             returns_mean=float(_masked_mean(returns, mask)),
             completion_len=float(mask.sum(-1).mean()),
             tokens=float(batch.attention_mask.sum()),

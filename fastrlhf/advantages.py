@@ -1,0 +1,238 @@
+"""Critic-free advantage estimators beside ``fastrlhf.gae`` and ``fastrlhf.group_advantages``.
+
+All are ``[B]`` / ``[B, T]``-sized (no vocabulary dimension) and run under ``no_grad``: advantages
+are constants of the policy loss. Same-named oracles live in :mod:`fastrlhf.reference`.
+
+- :func:`rloo_advantages`: REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024,
+  "Back to Basics", eq. 7; TRL's ``RLOOTrainer``): within each group of ``G`` samples of one
+  prompt, ``A_i = r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean_group)``. No division by a
+  std, so near-identical rewards give near-zero advantages.
+- :func:`reinforce_advantages`: REINFORCE (Williams 1992) on returns-to-go
+  ``G_t = sum_{s >= t} gamma^(s-t) r_s``, with an optional baseline, the batch mean of the
+  episode returns ``G_0`` (the classic "average reward" baseline).
+- :func:`reinforce_plus_plus_advantages`: REINFORCE++ (Hu 2025, arXiv:2501.03262, sec. 3):
+  per-token reward ``r_t = -kl_coef * KL_t`` plus the outcome score on the last token, returns-to-go,
+  then whitening over every counted token of the whole batch ("global advantage
+  normalization"), with OpenRLHF's biased variance and ``rsqrt(max(var, eps))``.
+  ``group_size=G`` first subtracts each prompt's mean score (REINFORCE++-baseline).
+
+Shared conventions: ``rewards`` is either ``[B]`` (one outcome score per sequence, put on the
+sequence's last counted token) or ``[B, T]`` (per-token rewards). ``mask [B, T]`` marks the
+counted tokens; like ``fastrlhf.gae`` the return recursion skips uncounted tokens (verl's
+multi-turn convention), and uncounted tokens get advantage and return 0. The KL penalty in
+the reward needs ``logprobs`` and ``ref_logprobs [B, T]`` of the sampled tokens; ``k1``
+(``logp - ref_logp``) is the estimator the papers use in the reward (Ziegler et al. 2019; Hu
+2025). Outputs are fp32 (fp64 for fp64 rewards).
+
+A weak spot to know (std-normalised advantages): two rewards 1.001 and 1.000 in a GRPO group have
+std 7e-4, and dividing by it turns a 0.001 difference into advantages of +-0.71, the same size
+as a real success-vs-failure signal. ``group_advantages(..., scale="none")`` (Dr. GRPO) or RLOO
+keep the raw scale (+-0.0005 / +-0.001); a larger ``eps`` bounds the blow-up (differences are
+amplified ``1 / eps`` times at most). REINFORCE++ whitens over the whole batch, so it only
+blows up when the *whole* batch is near-constant; its ``eps`` floors the variance
+(std >= ``sqrt(eps)`` = 1e-4 by default).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import reference as ref
+from .ops import gae
+
+__all__ = ["rloo_advantages", "reinforce_advantages", "reinforce_plus_plus_advantages"]
+
+# OpenRLHF's variance floor for the global whitening (``var.clamp(min=1e-8).rsqrt()``).
+WHITEN_EPS = 1e-8
+
+
+def _float_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _check_grouped(rewards, group_size: int, min_group: int, name: str = "rewards") -> None:
+    if not isinstance(rewards, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(rewards).__name__}")
+    if not rewards.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {rewards.dtype}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < min_group:
+        raise ValueError(f"group_size must be an int >= {min_group}, got {group_size!r}")
+    if rewards.dim() == 2 and rewards.shape[1] != group_size:
+        raise ValueError(f"{name} [B, G] must have G = group_size = {group_size}, got {tuple(rewards.shape)}")
+    if rewards.dim() not in (1, 2) or rewards.numel() % group_size:
+        raise ValueError(f"{name} must be [B * G] or [B, G] with G = {group_size}, got {tuple(rewards.shape)}")
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE leave-one-out advantages: ``A_i = r_i - mean_{j != i} r_j`` within each group.
+
+    Ahmadian et al. 2024 ("Back to Basics: Revisiting REINFORCE Style Optimization for Learning
+    from Human Feedback in LLMs", eq. 7); Kool et al. 2019. Each sample's baseline is the mean
+    reward of the *other* ``G - 1`` samples of its prompt, an unbiased baseline (it does not
+    depend on the sample itself). Equal to ``G / (G - 1) * (r_i - mean_group)``.
+
+    Args:
+        rewards: ``[B * G]`` (consecutive groups) or ``[B, G]`` sequence rewards.
+        group_size: ``G >= 2`` samples per prompt.
+
+    Returns:
+        Advantages of the shape of ``rewards``, fp32 (fp64 for fp64 rewards).
+    """
+    _check_grouped(rewards, group_size, 2)
+    r = rewards.detach().to(_float_dtype(rewards)).reshape(-1, group_size)  # [B, G]
+    # sum_{j != i} r_j = sum_j r_j - r_i: one reduction instead of G masked means.
+    baseline = (r.sum(-1, keepdim=True) - r) / (group_size - 1)  # [B, G]
+    return (r - baseline).reshape(rewards.shape)
+
+
+def _check_token_inputs(rewards, mask, logprobs, ref_logprobs, kl_coef, kl_estimator, gamma) -> None:
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        raise ValueError(f"mask must be a [B, T] tensor, got {getattr(mask, 'shape', type(mask))}")
+    if mask.is_complex() or not (mask.dtype == torch.bool or mask.is_floating_point()
+                                 or mask.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)):
+        raise TypeError(f"mask must be bool, integer or floating 0/1, got {mask.dtype}")
+    B, T = mask.shape
+    if not isinstance(rewards, torch.Tensor):
+        raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
+    if not rewards.is_floating_point():
+        raise TypeError(f"rewards must be a floating-point tensor, got {rewards.dtype}")
+    if tuple(rewards.shape) not in ((B,), (B, T)):
+        raise ValueError(f"rewards must be [B] = [{B}] (outcome) or [B, T] = [{B}, {T}] (per token), "
+                         f"got {tuple(rewards.shape)}")
+    if rewards.device != mask.device:
+        raise ValueError(f"mask is on {mask.device} but rewards are on {rewards.device}")
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
+    if kl_coef < 0:
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+    if kl_estimator not in ref.KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {ref.KL_ESTIMATORS}, got {kl_estimator!r}")
+    if kl_coef > 0:
+        for name, t in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs)):
+            if t is None:
+                raise ValueError(f"{name} is required when kl_coef > 0")
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (B, T):
+                raise ValueError(f"{name} must be [B, T] = [{B}, {T}], got {getattr(t, 'shape', type(t))}")
+            if not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _token_rewards(rewards, m, logprobs, ref_logprobs, kl_coef, kl_estimator, dt) -> torch.Tensor:
+    """``[B, T]`` per-token rewards: the outcome score on each row's last counted token, minus the KL penalty."""
+    if rewards.dim() == 1:
+        B, T = m.shape
+        # index of the last counted token: T - 1 - (position of the first 1 in the flipped row)
+        last = (T - 1 - m.flip(-1).long().argmax(-1)).long()  # [B]
+        tok = torch.zeros(B, T, dtype=dt, device=m.device)
+        has = m.any(-1)
+        tok[torch.arange(B, device=m.device)[has], last[has]] = rewards.to(dt)[has]
+    else:
+        tok = rewards.to(dt) * m
+    if kl_coef > 0:
+        kl = ref.kl_estimate(logprobs.to(dt), ref_logprobs.to(dt), kl_estimator)  # [B, T]
+        tok = tok - kl_coef * kl * m
+    return tok
+
+
+def _returns_to_go(tok: torch.Tensor, m: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``G_t = r_t + gamma * G_next`` over counted tokens: GAE with zero values and lambda = 1."""
+    returns, _ = gae(tok, torch.zeros_like(tok), m, gamma=gamma, lam=1.0)
+    return returns.to(tok.dtype)
+
+
+@torch.no_grad()
+def reinforce_advantages(
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    baseline: str = "none",
+    logprobs: Optional[torch.Tensor] = None,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k1",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE (Williams 1992) advantages ``A_t = G_t - b`` -> ``(advantages, returns)``, ``[B, T]``.
+
+    ``G_t = sum_{s >= t} gamma^(s - t) r_s`` over the counted tokens of the row, with
+    ``r_t = -kl_coef * KL_t`` (``kl_coef > 0``) plus the outcome score on the last counted token
+    (``rewards [B]``) or the given per-token rewards (``rewards [B, T]``).
+
+    Args:
+        rewards: ``[B]`` outcome scores or ``[B, T]`` per-token rewards.
+        mask: ``[B, T]`` bool / 0-1, the counted (response) tokens.
+        gamma: discount in ``[0, 1]``.
+        baseline: ``"none"`` (``b = 0``) or ``"mean"``: ``b`` = the mean over the batch's rows
+            (those with a counted token) of the episode return ``G_0`` at the row's first
+            counted token; one scalar for the whole batch.
+        logprobs, ref_logprobs: ``[B, T]`` logprobs of the sampled tokens under the policy that
+            sampled them and under the reference (needed when ``kl_coef > 0``).
+        kl_coef: weight of the per-token KL penalty in the reward (0: none).
+        kl_estimator: ``"k1"`` (default, as in the reward of Ziegler et al. 2019), ``"k2"``, ``"k3"``.
+
+    Returns:
+        ``(advantages, returns)``, 0 on uncounted tokens.
+    """
+    _check_token_inputs(rewards, mask, logprobs, ref_logprobs, kl_coef, kl_estimator, gamma)
+    if baseline not in ("none", "mean"):
+        raise ValueError(f"baseline must be 'none' or 'mean', got {baseline!r}")
+    dt = _float_dtype(rewards)
+    m = mask.bool()
+    returns = _returns_to_go(_token_rewards(rewards, m, logprobs, ref_logprobs, kl_coef, kl_estimator, dt), m, gamma)
+    if baseline == "none":
+        return returns.clone(), returns
+    has = m.any(-1)  # [B]
+    first = m.long().argmax(-1)  # [B] first counted token
+    g0 = returns.gather(1, first[:, None]).squeeze(1)  # [B]
+    b = g0[has].mean() if bool(has.any()) else returns.new_zeros(())
+    return torch.where(m, returns - b, torch.zeros_like(returns)), returns
+
+
+@torch.no_grad()
+def reinforce_plus_plus_advantages(
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    group_size: Optional[int] = None,
+    logprobs: Optional[torch.Tensor] = None,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k1",
+    eps: float = WHITEN_EPS,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++ (Hu 2025, sec. 3) -> ``(advantages, returns)``, ``[B, T]``.
+
+    1. Per-token reward ``r_t = -kl_coef * KL_t``, plus the outcome score on the last counted
+       token (``rewards [B]``) or the per-token ``rewards [B, T]``.
+    2. Returns-to-go ``G_t = r_t + gamma * G_{t+1}`` over the counted tokens.
+    3. Global whitening over all counted tokens of the batch:
+       ``A = (G - mean) * rsqrt(max(var, eps))``, ``var`` the biased variance (OpenRLHF).
+
+    ``group_size=G`` (``rewards [B * G]``, consecutive groups) subtracts each group's mean score
+    before step 1: REINFORCE++-baseline (Hu 2025; OpenRLHF's ``reinforce_baseline``), which keeps
+    prompts of different difficulty from dominating the whitening.
+    Other arguments as :func:`reinforce_advantages`. ``eps > 0`` floors the variance, so a
+    near-constant batch has its return differences amplified by at most ``1 / sqrt(eps)``
+    (see the module docstring on the std-normalisation weak spot).
+    """
+    _check_token_inputs(rewards, mask, logprobs, ref_logprobs, kl_coef, kl_estimator, gamma)
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0 (it floors the variance), got {eps}")
+    dt = _float_dtype(rewards)
+    if group_size is not None:
+        if rewards.dim() != 1:
+            raise ValueError("group_size (REINFORCE++-baseline) needs outcome rewards [B], got per-token rewards")
+        _check_grouped(rewards, group_size, 1)
+        r = rewards.detach().to(dt).reshape(-1, group_size)
+        rewards = (r - r.mean(-1, keepdim=True)).reshape(-1)
+    m = mask.bool()
+    returns = _returns_to_go(_token_rewards(rewards, m, logprobs, ref_logprobs, kl_coef, kl_estimator, dt), m, gamma)
+    mf = m.to(dt)
+    n = mf.sum().clamp_min(1.0)
+    mean = (returns * mf).sum() / n
+    var = (((returns - mean) * mf) ** 2).sum() / n
+    advantages = torch.where(m, (returns - mean) * torch.rsqrt(var.clamp_min(eps)), torch.zeros_like(returns))
+    return advantages, returns

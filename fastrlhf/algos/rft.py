@@ -1,0 +1,125 @@
+"""Rejection-sampling fine-tuning (best-of-n): Llama 2's rejection sampling (Touvron et al. 2023,
+sec. 3.2.3), RAFT (Dong et al. 2023), RFT (Yuan et al. 2023, "Scaling Relationship on Learning
+Mathematical Reasoning with Large Language Models").
+
+One step: sample ``n = samples_per_prompt`` completions for each of ``prompts_per_step``
+prompts with ``model.generate``, score them, keep each prompt's best one, and fine-tune on the
+kept completions by next-token NLL, ``sft_epochs`` passes.
+
+Implementation choices (and where they come from):
+
+1. Best-of-n per prompt by the reward (the first sample on ties), as Llama 2 ("we select the
+   best answer with the reward model") and RAFT; ``min_reward`` drops prompts whose best is
+   still below a threshold (RAFT's / ReST's filter, Gulcehre et al. 2023; for a 0/1 reward,
+   ``min_reward=1`` keeps only correct samples, Yuan et al.'s RFT).
+2. Online: samples come from the current policy every step (RAFT's iterated form; Llama 2
+   and ReST alternate larger grow / improve phases).
+3. Loss: token-mean NLL of completion + eos given the prompt, prompt tokens masked (SFT), with
+   ``fastrlhf.linear_token_logprobs`` on the last hidden state and the lm_head (the ``[B, T, V]``
+   logits are never built). No reference model, no KL term (Llama 2's RS step has none).
+4. Updates: ``micro_batch_size`` kept completions per forward, an optimizer step every
+   ``gradient_accumulation_steps`` micro-batches (and at the end of a pass), each update's loss
+   being the token-mean over its own tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+
+from .common import IGNORE_INDEX, RewardFn, TrainConfig, Trainer
+from .rrhf import sample_and_score
+
+
+@dataclass
+class RFTConfig(TrainConfig):
+    """Best-of-n rejection-sampling fine-tuning hyper-parameters."""
+
+    prompts_per_step: int = 16
+    """Prompts sampled per step."""
+    samples_per_prompt: int = 8
+    """n: completions sampled per prompt, of which the best is kept."""
+    max_new_tokens: int = 64
+    """Longest completion sampled."""
+    temperature: float = 1.0
+    """Sampling temperature (the NLL is taken at temperature 1)."""
+    min_reward: Optional[float] = None
+    """Keep a prompt's best completion only if its reward >= this (None: always keep it)."""
+    sft_epochs: int = 1
+    """Passes over each step's kept completions."""
+    micro_batch_size: int = 16
+    """Kept completions per forward/backward pass."""
+    lr: float = 1e-5
+    """AdamW learning rate."""
+
+
+class RFT(Trainer):
+    """Best-of-n rejection-sampling fine-tuning of ``model`` with ``reward_fn`` (TRL's call signature).
+
+    ``dataset``: prompt-only rows; other columns (e.g. ``"answer"``) go to ``reward_fn``.
+    """
+
+    name = "rft"
+    needs_reference = False
+
+    def __init__(self, model, tokenizer, dataset: Sequence[Mapping[str, Any]], reward_fn: RewardFn,
+                 config: Optional[RFTConfig] = None):
+        config = config or RFTConfig()
+        if config.samples_per_prompt < 1:
+            raise ValueError(f"samples_per_prompt must be >= 1, got {config.samples_per_prompt}")
+        if config.sft_epochs < 1:
+            raise ValueError(f"sft_epochs must be >= 1, got {config.sft_epochs}")
+        if not callable(reward_fn):
+            raise TypeError("reward_fn must be callable")
+        super().__init__(model, tokenizer, config, dataset)
+        self.reward_fn = reward_fn
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.config.prompts_per_step
+
+    def train_step(self, rows: List[Mapping[str, Any]]) -> Dict[str, float]:
+        c, n = self.config, self.config.samples_per_prompt
+        prompt_rows = [{k: v for k, v in r.items() if k not in ("responses", "scores")} for r in rows]
+        batch, rewards, _ = sample_and_score(self, prompt_rows, n, c.max_new_tokens, c.temperature, self.reward_fn)
+        groups = rewards.view(-1, n)  # [B, n]
+        best_reward, best = groups.max(-1)  # first maximum on ties
+        keep = torch.ones_like(best_reward, dtype=torch.bool)
+        if c.min_reward is not None:
+            keep &= best_reward >= c.min_reward
+        kept = (torch.arange(len(rows), device=self.device) * n + best)[keep]  # rows of the batch to imitate
+        data = batch.select(kept)
+
+        sums: Dict[str, float] = {}
+        n_updates = 0
+        for _ in range(c.sft_epochs if len(data) else 0):
+            order = torch.randperm(len(data)).to(self.device)
+            micro = [order[i : i + c.micro_batch_size] for i in range(0, len(data), c.micro_batch_size)]
+            for u in range(0, len(micro), c.gradient_accumulation_steps):
+                update = micro[u : u + c.gradient_accumulation_steps]
+                n_tokens = max(1, sum(int((data.labels[idx] != IGNORE_INDEX).sum()) for idx in update))
+                nll = 0.0
+                for idx in update:
+                    mb = data.select(idx)
+                    with self.autocast():
+                        hidden = self.completion_hidden(self.model, mb)  # [b, R, H]
+                        logp = self.op("token_logprobs", hidden, mb.labels)  # [b, R], 0 on padding
+                    # token-mean over the whole update, accumulated micro-batch by micro-batch
+                    loss = -logp.sum() / n_tokens
+                    loss.backward()
+                    nll += float(loss.detach())
+                sums["loss"] = sums.get("loss", 0.0) + nll
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + self.optimizer_step()
+                n_updates += 1
+
+        out = {key: v / n_updates for key, v in sums.items()}  # empty when nothing was kept
+        out.update(
+            reward=float(rewards.mean()),
+            best_reward=float(best_reward.mean()),
+            kept_frac=float(keep.float().mean()),
+            completion_len=float(batch.completion_mask.sum(-1).float().mean()),
+            tokens=float(batch.attention_mask.sum()),
+        )
+        return out
