@@ -644,10 +644,11 @@ def pairwise_reward_loss(
         if center_coef > 0:
             term = term + center_coef * (rc + rr) ** 2
         terms.append(w[i] * term)
-        correct += float(w[i]) * float(rc > rr)
-        chosen += float(w[i]) * float(rc)
-        rejected += float(w[i]) * float(rr)
-        gap += float(w[i]) * float(rc - rr)
+        c, r = float(rc.detach()), float(rr.detach())
+        correct += float(w[i]) * float(c > r)
+        chosen += float(w[i]) * c
+        rejected += float(w[i]) * r
+        gap += float(w[i]) * (c - r)
     total = float(w.sum())
     loss = torch.stack(terms).sum() / total
     stats = {k: torch.tensor(v / total, dtype=dt) for k, v in
