@@ -4,13 +4,13 @@ All are ``[B]`` / ``[B, T]``-sized (no vocabulary dimension) and run under ``no_
 are constants of the policy loss. Same-named oracles live in :mod:`fastrlhf.reference`.
 
 - :func:`rloo_advantages`: REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024,
-  "Back to Basics", eq. 7; TRL's ``RLOOTrainer``): within each group of ``G`` samples of one
+  "Back to Basics"; TRL's ``RLOOTrainer``): within each group of ``G`` samples of one
   prompt, ``A_i = r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean_group)``. No division by a
   std, so near-identical rewards give near-zero advantages.
 - :func:`reinforce_advantages`: REINFORCE (Williams 1992) on returns-to-go
   ``G_t = sum_{s >= t} gamma^(s-t) r_s``, with an optional baseline, the batch mean of the
   episode returns ``G_0`` (the classic "average reward" baseline).
-- :func:`reinforce_plus_plus_advantages`: REINFORCE++ (Hu 2025, arXiv:2501.03262, sec. 3):
+- :func:`reinforce_plus_plus_advantages`: REINFORCE++ (Hu 2025, arXiv:2501.03262):
   per-token reward ``r_t = -kl_coef * KL_t`` plus the outcome score on the last token, returns-to-go,
   then whitening over every counted token of the whole batch ("global advantage
   normalization"), with OpenRLHF's biased variance and ``rsqrt(max(var, eps))``.
@@ -69,7 +69,7 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """REINFORCE leave-one-out advantages: ``A_i = r_i - mean_{j != i} r_j`` within each group.
 
     Ahmadian et al. 2024 ("Back to Basics: Revisiting REINFORCE Style Optimization for Learning
-    from Human Feedback in LLMs", eq. 7); Kool et al. 2019. Each sample's baseline is the mean
+    from Human Feedback in LLMs"); Kool et al. 2019. Each sample's baseline is the mean
     reward of the *other* ``G - 1`` samples of its prompt, an unbiased baseline (it does not
     depend on the sample itself). Equal to ``G / (G - 1) * (r_i - mean_group)``.
 
@@ -203,7 +203,7 @@ def reinforce_plus_plus_advantages(
     kl_estimator: str = "k1",
     eps: float = WHITEN_EPS,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """REINFORCE++ (Hu 2025, sec. 3) -> ``(advantages, returns)``, ``[B, T]``.
+    """REINFORCE++ (Hu 2025) -> ``(advantages, returns)``, ``[B, T]``.
 
     1. Per-token reward ``r_t = -kl_coef * KL_t``, plus the outcome score on the last counted
        token (``rewards [B]``) or the per-token ``rewards [B, T]``.

@@ -561,7 +561,7 @@ def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0)
 
 
 def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """REINFORCE leave-one-out (Ahmadian et al. 2024, eq. 7): ``A_i = r_i - mean_{j != i} r_j`` per group."""
+    """REINFORCE leave-one-out (Ahmadian et al. 2024): ``A_i = r_i - mean_{j != i} r_j`` per group."""
     dt = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     flat = rewards.to(dt).reshape(-1)
     out = torch.zeros_like(flat)

@@ -7,12 +7,13 @@ the trainers on a tiny model (CPU, seeded; learning tests assert trends, never t
 """
 
 import copy
+import importlib.util
 import json
 import math
 
 import pytest
 import torch
-from conftest import backends
+from conftest import HAS_CUDA, backends, device_for
 
 import fastrlhf
 from fastrlhf import reference as R
@@ -311,36 +312,38 @@ def _rrhf_case(seed=0, k=3, groups=2, T=5, V=37, H=16):
 
 @pytest.mark.parametrize("backend", backends())
 def test_rrhf_loss_every_backend_matches_reference(backend):
-    hidden, weight, bias, labels, rewards = _rrhf_case()
+    dev = device_for(backend)
+    hidden, weight, bias, labels, rewards = (t.to(dev) for t in _rrhf_case())
     logits = (hidden @ weight.T + bias).detach().requires_grad_(True)  # [n, T, V]
     kw = dict(group_size=3, rank_coef=2.0, sft_coef=0.5, length_penalty=1.0, temperature=0.9)
     loss, stats = fastrlhf.rrhf_loss(logits, labels, rewards, backend=backend, **kw)
-    x64 = logits.detach().double().requires_grad_(True)
-    ref, ref_stats = R.rrhf_loss(x64, labels, rewards, **kw)
+    x64 = logits.detach().cpu().double().requires_grad_(True)
+    ref, ref_stats = R.rrhf_loss(x64, labels.cpu(), rewards.cpu(), **kw)
     assert loss.dtype == torch.float32 and loss.dim() == 0
-    torch.testing.assert_close(loss.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss.double().cpu(), ref, atol=1e-5, rtol=1e-5)
     for k in ("rank_loss", "sft_loss"):
-        torch.testing.assert_close(stats[k].double(), ref_stats[k], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(stats[k].double().cpu(), ref_stats[k], atol=1e-5, rtol=1e-5)
     upstream = 1.7  # a non-unit upstream gradient
     (g,) = torch.autograd.grad(loss * upstream, logits)
     (g64,) = torch.autograd.grad(ref * upstream, x64)
-    torch.testing.assert_close(g.double(), g64, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(g.double().cpu(), g64, atol=1e-5, rtol=1e-4)
     assert (g[labels == -100] == 0).all()  # ignored tokens get exactly zero gradient
 
 
 @pytest.mark.parametrize("backend", backends())
 def test_linear_rrhf_loss_every_backend_matches_reference(backend):
+    dev = device_for(backend)
     hidden, weight, bias, labels, rewards = _rrhf_case(seed=1)
-    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
-    loss, _ = fastrlhf.linear_rrhf_loss(*leaves[:2], labels, rewards, bias=leaves[2], group_size=3, chunk_size=4,
-                                        backend=backend)
+    leaves = [t.to(dev).requires_grad_(True) for t in (hidden, weight, bias)]
+    loss, _ = fastrlhf.linear_rrhf_loss(*leaves[:2], labels.to(dev), rewards.to(dev), bias=leaves[2], group_size=3,
+                                        chunk_size=4, backend=backend)
     ref_leaves = [t.double().requires_grad_(True) for t in (hidden, weight, bias)]
     ref, _ = R.linear_rrhf_loss(*ref_leaves[:2], labels, rewards, bias=ref_leaves[2], group_size=3)
-    torch.testing.assert_close(loss.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss.double().cpu(), ref, atol=1e-5, rtol=1e-5)
     grads = torch.autograd.grad(loss, leaves)
     ref_grads = torch.autograd.grad(ref, ref_leaves)
     for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a.double().cpu(), b, atol=1e-5, rtol=1e-4)
 
 
 def test_rrhf_input_errors():
@@ -625,6 +628,34 @@ def test_checkpoint_resume_is_exact(tok, task, algo, tmp_path):
     b.train(steps=4)
     _assert_same(_state(b), _state(a))
     assert b.history[-1]["loss"] == a.history[-1]["loss"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft not installed")
+def test_reward_model_lora_trains_the_head_and_saves_merged(tok, task, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    t = rm_trainer(tok, task, small_model(tok), lora_r=4, lora_alpha=8)
+    trainable = [n for n, p in t.model.named_parameters() if p.requires_grad]
+    assert any("lora" in n for n in trainable) and any("score" in n for n in trainable)
+    assert not any("embed_tokens" in n for n in trainable)
+    t.train(steps=3)
+    t.save_pretrained(str(tmp_path))
+    merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path))
+    prompts, completions = ["1+2=", "4+4="], ["3", "9"]
+    torch.testing.assert_close(torch.tensor(reward_model_fn(merged, tok)(prompts=prompts, completions=completions)),
+                               torch.tensor(t.score(prompts, completions)), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("algo", ["rm", "rrhf", "rft"])
+def test_cuda_bf16_steps(tok, task, algo):
+    """On CUDA: bf16 autocast around fp32 master weights, Triton-backed fused-linear ops."""
+    assert HAS_CUDA
+    t = MAKERS[algo](tok, task, small_model(tok).to("cuda"))
+    assert t.device.type == "cuda" and t.config.bf16
+    for h in t.train(steps=2):
+        assert all(math.isfinite(float(v)) for v in h.values()), h
+    assert all(p.dtype == torch.float32 for p in t.model.parameters())
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""Rejection-sampling fine-tuning (best-of-n): Llama 2's rejection sampling (Touvron et al. 2023,
-sec. 3.2.3), RAFT (Dong et al. 2023), RFT (Yuan et al. 2023, "Scaling Relationship on Learning
-Mathematical Reasoning with Large Language Models").
+"""Rejection-sampling fine-tuning (best-of-n): Llama 2's rejection sampling (Touvron et al.
+2023, "Iterative Fine-Tuning"), RAFT (Dong et al. 2023), RFT (Yuan et al. 2023, "Scaling
+Relationship on Learning Mathematical Reasoning with Large Language Models").
 
 One step: sample ``n = samples_per_prompt`` completions for each of ``prompts_per_step``
 prompts with ``model.generate``, score them, keep each prompt's best one, and fine-tune on the

@@ -15,8 +15,8 @@ Implementation choices (and where they come from):
    ``length_penalty``). Fused-linear: the ``[B, T, V]`` logits are never built.
 2. Responses: the paper ranks responses from several sources (the initial model, other
    models, humans) collected offline; rows ``{"prompt", "responses": [...], "scores": [...]}``
-   do that. Prompt-only rows are answered by ``k`` samples of the *current* policy, the
-   paper's online-sampling variant (sec. 4.4), which makes RRHF an iterated best-vs-rest method.
+   do that. Prompt-only rows are answered by ``k`` samples of the *current* policy: an online
+   variant (RAFT-like), which makes RRHF an iterated best-vs-rest method.
 3. Completions end with eos and are scored as in GRPO (completion tokens only, prompt masked).
 4. Groups stay whole inside a micro-batch (``micro_batch_size`` a multiple of ``k``); each
    update's loss is the mean over its prompts, accumulated over ``gradient_accumulation_steps``
