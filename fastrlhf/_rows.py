@@ -189,3 +189,38 @@ def row_backward(backend: str, x3, labels, lse, ent, dlogp, dent, inv_temp, igno
     else:
         bwd = torch_row_backward
     bwd(x3, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, out3)
+
+
+def finish_row_forward(ctx, logits, lab, lse, ent, logp, *, inv_temp, ignore_index, inplace_backward, backend,
+                       want_logp, want_entropy):
+    """Shared tail of the autograd Functions over the row primitives (full logits and vocab shards):
+    save only ``[N]`` tensors and the logits for :func:`row_backward_from_ctx`; return the outputs."""
+    ctx.save_for_backward(logits, lab, lse, ent)
+    ctx.inv_temp = inv_temp
+    ctx.ignore_index = ignore_index
+    ctx.inplace_backward = inplace_backward
+    ctx.backend = backend
+    ctx.want = (want_logp, want_entropy)
+    ctx.set_materialize_grads(False)
+    shape = logits.shape[:-1]
+    outs = ([logp.view(shape)] if want_logp else []) + ([ent.view(shape)] if want_entropy else [])
+    return tuple(outs) if len(outs) > 1 else outs[0]
+
+
+def row_backward_from_ctx(ctx, grads) -> Optional[torch.Tensor]:
+    """The logits' gradient from the upstream ``(dlogp?, dentropy?)``; None when neither is used."""
+    logits, lab, lse, ent = ctx.saved_tensors
+    grads = list(grads)
+    dlogp = grads.pop(0) if ctx.want[0] else None
+    dent = grads.pop(0) if ctx.want[1] else None
+    if dlogp is None and dent is None:
+        return None
+    dlogp = dlogp.reshape(-1).to(lse.dtype).contiguous() if dlogp is not None else None  # [N]
+    dent = dent.reshape(-1).to(lse.dtype).contiguous() if dent is not None else None  # [N]
+    if ctx.inplace_backward:
+        dlogits = logits  # the gradient overwrites the logits' own storage
+    else:
+        dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)  # [..., V]
+    row_backward(ctx.backend, as_rows3d(logits), lab, lse, ent, dlogp, dent, ctx.inv_temp, ctx.ignore_index,
+                 as_rows3d(dlogits))
+    return dlogits

@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from ._rows import as_rows3d, row_backward, row_forward
+from ._rows import as_rows3d, finish_row_forward, row_backward_from_ctx, row_forward
 
 __all__ = ["shard_offset", "VocabParallelLogprobsEntropy"]
 
@@ -87,36 +87,15 @@ class VocabParallelLogprobsEntropy(torch.autograd.Function):
             sentinel = V_r if ignore_index != V_r else V_r + 1
             lab_local = torch.where(mine, local, torch.full_like(local, sentinel))
             lab_local = torch.where(valid, lab_local, torch.full_like(local, ignore_index)).contiguous()
-        ctx.save_for_backward(logits, lab_local, lse, ent)
-        ctx.inv_temp = inv_temp
-        ctx.ignore_index = ignore_index
-        ctx.inplace_backward = inplace_backward
-        ctx.backend = "torch" if backend == "native" else backend
-        ctx.want = (want_logp, want_entropy)
-        ctx.set_materialize_grads(False)
-        shape = logits.shape[:-1]
-        outs = []
-        if want_logp:
-            outs.append(logp.view(shape))
-        if want_entropy:
-            outs.append(ent.view(shape))
-        return tuple(outs) if len(outs) > 1 else outs[0]
+        # The gradient pass of native rejects labels outside its shard by design: torch rows there.
+        return finish_row_forward(ctx, logits, lab_local, lse, ent, logp, inv_temp=inv_temp,
+                                  ignore_index=ignore_index, inplace_backward=inplace_backward,
+                                  backend="torch" if backend == "native" else backend, want_logp=want_logp,
+                                  want_entropy=want_entropy)
 
     @staticmethod
     def backward(ctx, *grads):
-        logits, lab_local, lse, ent = ctx.saved_tensors
-        grads = list(grads)
-        dlogp = grads.pop(0) if ctx.want[0] else None
-        dent = grads.pop(0) if ctx.want[1] else None
-        if dlogp is None and dent is None:
-            return (None,) * 10
-        dlogp = dlogp.reshape(-1).float().contiguous() if dlogp is not None else None
-        dent = dent.reshape(-1).float().contiguous() if dent is not None else None
-        dlogits = logits if ctx.inplace_backward else torch.empty(logits.shape, dtype=logits.dtype,
-                                                                    device=logits.device)
-        row_backward(ctx.backend, as_rows3d(logits), lab_local, lse, ent, dlogp, dent, ctx.inv_temp,
-                     ctx.ignore_index, as_rows3d(dlogits))
-        return (dlogits,) + (None,) * 9
+        return (row_backward_from_ctx(ctx, grads),) + (None,) * 9
 
 
 def vocab_parallel_token_values(

@@ -16,7 +16,7 @@ import torch
 
 from . import reference as ref
 from ._backend import resolve_backend
-from ._rows import as_rows3d, row_backward, row_forward
+from ._rows import as_rows3d, finish_row_forward, row_backward_from_ctx, row_forward
 from ._validate import (
     check_dpo_refs,
     check_labels,
@@ -84,41 +84,13 @@ class RowLogprobsEntropy(torch.autograd.Function):
         lab = labels.reshape(-1).contiguous() if labels is not None else None  # [N]
         inv_temp = 1.0 / temperature
         logp, ent, lse = row_forward(backend, x3, lab, inv_temp, ignore_index, want_entropy)
-        ctx.save_for_backward(logits, lab, lse, ent)
-        ctx.inv_temp = inv_temp
-        ctx.ignore_index = ignore_index
-        ctx.inplace_backward = inplace_backward
-        ctx.backend = backend
-        ctx.want = (want_logp, want_entropy)
-        ctx.set_materialize_grads(False)
-        shape = logits.shape[:-1]
-        outs = []
-        if want_logp:
-            outs.append(logp.view(shape))
-        if want_entropy:
-            outs.append(ent.view(shape))
-        return tuple(outs) if len(outs) > 1 else outs[0]
+        return finish_row_forward(ctx, logits, lab, lse, ent, logp, inv_temp=inv_temp, ignore_index=ignore_index,
+                                  inplace_backward=inplace_backward, backend=backend, want_logp=want_logp,
+                                  want_entropy=want_entropy)
 
     @staticmethod
     def backward(ctx, *grads):
-        logits, lab, lse, ent = ctx.saved_tensors
-        grads = list(grads)
-        dlogp = grads.pop(0) if ctx.want[0] else None
-        dent = grads.pop(0) if ctx.want[1] else None
-        if dlogp is None and dent is None:
-            return (None,) * 8
-        dt = lse.dtype
-        dlogp = dlogp.reshape(-1).to(dt).contiguous() if dlogp is not None else None  # [N]
-        dent = dent.reshape(-1).to(dt).contiguous() if dent is not None else None  # [N]
-        x3 = as_rows3d(logits)
-        if ctx.inplace_backward:
-            dlogits = logits  # the gradient overwrites the logits' own storage
-        else:
-            dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)  # [..., V]
-        row_backward(
-            ctx.backend, x3, lab, lse, ent, dlogp, dent, ctx.inv_temp, ctx.ignore_index, as_rows3d(dlogits)
-        )
-        return dlogits, None, None, None, None, None, None, None
+        return (row_backward_from_ctx(ctx, grads),) + (None,) * 7
 
 
 def _prepare(logits, labels, temperature, ignore_index, backend, process_group=None):
