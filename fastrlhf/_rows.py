@@ -43,6 +43,16 @@ def out_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def alloc_row_outputs(x3: torch.Tensor, has_labels: bool, want_entropy: bool):
+    """``(logp | None, ent | None, lse)``: the ``[N]`` outputs of a row forward, in ``out_dtype``."""
+    N = x3.shape[0] * x3.shape[1]
+    dt = out_dtype(x3)
+    lse = torch.empty(N, dtype=dt, device=x3.device)  # [N]
+    logp = torch.empty(N, dtype=dt, device=x3.device) if has_labels else None  # [N]
+    ent = torch.empty(N, dtype=dt, device=x3.device) if want_entropy else None  # [N]
+    return logp, ent, lse
+
+
 def _row_chunks(x3: torch.Tensor, rows: int) -> Iterator[Tuple[int, int, torch.Tensor]]:
     """Yield ``(n0, n1, view)`` with ``view`` a ``[n1 - n0, V]`` view of rows ``n0..n1``."""
     B, T, V = x3.shape
@@ -96,11 +106,8 @@ def torch_row_forward(
     want_entropy: bool,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
     B, T, V = x3.shape
-    N = B * T
     dt = out_dtype(x3)
-    lse = torch.empty(N, dtype=dt, device=x3.device)  # [N]
-    logp = torch.empty(N, dtype=dt, device=x3.device) if labels is not None else None
-    ent = torch.empty(N, dtype=dt, device=x3.device) if want_entropy else None
+    logp, ent, lse = alloc_row_outputs(x3, labels is not None, want_entropy)
     for n0, n1, xv in _row_chunks(x3, _rows_per_chunk(V)):
         x, private = _scaled_rows(xv, dt, inv_temp)  # [n, V]
         if labels is not None:

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreted
+from .._rows import alloc_row_outputs
 from ._common import to_bf16_rtne
 
 # 4096 elements per block: 8 KiB of bf16 per load, 16 per thread at 8 warps, which keeps
@@ -202,10 +203,7 @@ def logprobs_forward(
     """Row forward (see ``fastrlhf._rows``): ``(logp [N] | None, entropy [N] | None, lse [N])``."""
     B, T, V = x3.shape
     N = B * T
-    dt = torch.float64 if x3.dtype == torch.float64 else torch.float32
-    lse = torch.empty(N, dtype=dt, device=x3.device)  # [N]
-    logp = torch.empty(N, dtype=dt, device=x3.device) if labels is not None else None  # [N]
-    ent = torch.empty(N, dtype=dt, device=x3.device) if want_entropy else None  # [N]
+    logp, ent, lse = alloc_row_outputs(x3, labels is not None, want_entropy)
     if N == 0:
         return logp, ent, lse
     block_v, num_warps = launch_config(V)
