@@ -1,6 +1,9 @@
 """Shared test set-up: the Triton interpreter on machines without CUDA, backends, tolerances."""
 
+import importlib
 import os
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -48,3 +51,27 @@ def assert_grad_close(ours, ref64, dtype, atol32=1e-5, rtol32=1e-4):
     own = (ref64.to(dtype).double() - ref64).abs().max().item()
     err = (ours - ref64).abs().max().item()
     assert err <= 2 * own + 1e-6, f"{dtype} grad error {err:.3g} > 2 x rounding error {own:.3g}"
+
+
+@pytest.fixture
+def standin(tmp_path, monkeypatch):
+    """Stand-in package trees for the integrations' patch() tests: writes a package tree under
+    tmp_path and imports it; removes it from sys.modules afterwards."""
+    made = []
+
+    def build(pkg, files):
+        for rel, text in files.items():
+            path = tmp_path / pkg / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(textwrap.dedent(text))
+        for d in [p for p in (tmp_path / pkg).rglob("*") if p.is_dir()] + [tmp_path / pkg]:
+            (d / "__init__.py").touch()
+        monkeypatch.syspath_prepend(str(tmp_path))
+        importlib.invalidate_caches()
+        made.append(pkg)
+        return importlib.import_module(pkg)
+
+    yield build
+    for name in list(sys.modules):
+        if any(name == p or name.startswith(p + ".") for p in made):
+            del sys.modules[name]

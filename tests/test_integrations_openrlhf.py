@@ -10,8 +10,6 @@ OpenRLHF imports deepspeed and flash-attn at module level, so CI does not instal
 
 import importlib
 import importlib.util
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -313,29 +311,6 @@ _ACTOR = '''
 from {pkg}.models.utils import compute_entropy, log_probs_from_logits, compute_approx_kl
 from {pkg}.models import PolicyLoss, DPOLoss
 '''
-
-
-@pytest.fixture
-def standin(tmp_path, monkeypatch):
-    """Writes a package tree under tmp_path and imports it; removes it from sys.modules afterwards."""
-    made = []
-
-    def build(pkg, files):
-        for rel, text in files.items():
-            path = tmp_path / pkg / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(textwrap.dedent(text))
-        for d in [p for p in (tmp_path / pkg).rglob("*") if p.is_dir()] + [tmp_path / pkg]:
-            (d / "__init__.py").touch()
-        monkeypatch.syspath_prepend(str(tmp_path))
-        importlib.invalidate_caches()
-        made.append(pkg)
-        return importlib.import_module(pkg)
-
-    yield build
-    for name in list(sys.modules):
-        if any(name == p or name.startswith(p + ".") for p in made):
-            del sys.modules[name]
 
 
 def _tree(pkg, kl, policy_init):

@@ -10,8 +10,6 @@ oracle (fastrlhf.reference). Where verl itself imports, the last tests run again
 
 import importlib
 import importlib.util
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -380,29 +378,6 @@ import {pkg}.utils.torch_functional as verl_F
 def entropy_fn():
     return verl_F.entropy_from_logits
 '''
-
-
-@pytest.fixture
-def standin(tmp_path, monkeypatch):
-    """Writes a package tree under tmp_path and imports it; removes it from sys.modules afterwards."""
-    made = []
-
-    def build(pkg, files):
-        for rel, text in files.items():
-            path = tmp_path / pkg / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(textwrap.dedent(text))
-        for d in [p for p in (tmp_path / pkg).rglob("*") if p.is_dir()] + [tmp_path / pkg]:
-            (d / "__init__.py").touch()
-        monkeypatch.syspath_prepend(str(tmp_path))
-        importlib.invalidate_caches()
-        made.append(pkg)
-        return importlib.import_module(pkg)
-
-    yield build
-    for name in list(sys.modules):
-        if any(name == p or name.startswith(p + ".") for p in made):
-            del sys.modules[name]
 
 
 def test_patch_standin_new_api(standin):
