@@ -86,7 +86,7 @@ setup(
         "algos": ["transformers>=4.45", "tqdm", "matplotlib", "peft"],
         # TRL is pure Python; its tests compare our drop-ins with its own functions and trainers.
         "integrations": ["trl>=1.16,<2"],
-        "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
+        "bench": ["pytest-benchmark", "matplotlib", "tqdm", "liger-kernel==0.8.5"],  # liger: sm90_static.py compares
     },
     entry_points={"console_scripts": ["fastrlhf=fastrlhf.cli:main"]},
     ext_modules=native_extensions(),
