@@ -8,7 +8,8 @@ RRHF. Trainers live in ``fastrlhf.algos``, drop-ins for TRL / verl / OpenRLHF in
 """
 
 from ._backend import available_backends
-from .advantages import reinforce_advantages, reinforce_plus_plus_advantages, rloo_advantages
+from .advantages import gae, group_advantages, reinforce_advantages, reinforce_plus_plus_advantages, rloo_advantages
+from .dpo import dpo_loss
 from .linear import (
     linear_dpo_loss,
     linear_grpo_loss,
@@ -16,18 +17,9 @@ from .linear import (
     linear_token_logprobs,
     linear_token_logprobs_and_entropy,
 )
-from .ops import (
-    dpo_loss,
-    entropy,
-    gae,
-    group_advantages,
-    grpo_loss,
-    kl_estimate,
-    ppo_clip_loss,
-    token_logprobs,
-    token_logprobs_and_entropy,
-)
-from .rank import linear_rrhf_loss, pairwise_reward_loss, rrhf_loss
+from .logprobs import entropy, token_logprobs, token_logprobs_and_entropy
+from .ppo import grpo_loss, kl_estimate, ppo_clip_loss
+from .ranking_losses import linear_rrhf_loss, pairwise_reward_loss, rrhf_loss
 
 __version__ = "0.1.0"
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Iterator, Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 # Budget for one chunk's fp32 temporaries in the torch path (a few [rows, V] buffers live
 # at once): 16 MiB keeps the peak far below the [N, V] fp32 log-softmax it replaces.
@@ -179,16 +180,22 @@ def torch_row_backward(
 
 
 def row_forward(backend: str, x3, labels, inv_temp, ignore_index, want_entropy):
+    """``(logp [N] | None, ent [N] | None, lse [N])`` on ``backend`` (see the module docstring)."""
     if backend == "triton":
-        from .kernels.logprobs import logprobs_forward as fwd
-    elif backend == "native":
-        from ._native import row_forward as fwd
-    else:
-        fwd = torch_row_forward
-    return fwd(x3, labels, inv_temp, ignore_index, want_entropy)
+        from .kernels.logprobs import logprobs_forward
+
+        logp, ent, lse = alloc_row_outputs(x3, labels is not None, want_entropy)
+        logprobs_forward(x3, labels, inv_temp, ignore_index, logp, ent, lse)
+        return logp, ent, lse
+    if backend == "native":
+        from ._native import row_forward as native_forward
+
+        return native_forward(x3, labels, inv_temp, ignore_index, want_entropy)
+    return torch_row_forward(x3, labels, inv_temp, ignore_index, want_entropy)
 
 
 def row_backward(backend: str, x3, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, out3) -> None:
+    """Writes the logits' gradient into ``out3`` on ``backend`` (see the module docstring)."""
     if backend == "triton":
         from .kernels.logprobs import logprobs_backward as bwd
     elif backend == "native":
@@ -198,10 +205,21 @@ def row_backward(backend: str, x3, labels, lse, ent, dlogp, dent, inv_temp, igno
     bwd(x3, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, out3)
 
 
+def check_inplace(logits: torch.Tensor) -> None:
+    """``inplace_backward=True`` writes the gradient through a ``[B, T, V]`` view of the logits: that view
+    must alias them, and no two elements may share memory (an expanded tensor would race)."""
+    if as_rows3d(logits).data_ptr() != logits.data_ptr():
+        raise ValueError("inplace_backward=True needs logits whose leading dims can be merged without a copy")
+    if any(st == 0 and sz > 1 for st, sz in zip(logits.stride(), logits.shape)):
+        raise ValueError("inplace_backward=True needs logits with distinct memory per element (got an expanded, "
+                         "stride-0 tensor)")
+
+
 def finish_row_forward(ctx, logits, lab, lse, ent, logp, *, inv_temp, ignore_index, inplace_backward, backend,
                        want_logp, want_entropy):
     """Shared tail of the autograd Functions over the row primitives (full logits and vocab shards):
-    save only ``[N]`` tensors and the logits for :func:`row_backward_from_ctx`; return the outputs."""
+    save only ``[N]`` tensors and the logits for :func:`row_backward_from_ctx`; return the ``[N]`` outputs
+    (the public wrappers reshape them outside the Function, so callers get ordinary tensors)."""
     ctx.save_for_backward(logits, lab, lse, ent)
     ctx.inv_temp = inv_temp
     ctx.ignore_index = ignore_index
@@ -209,8 +227,7 @@ def finish_row_forward(ctx, logits, lab, lse, ent, logp, *, inv_temp, ignore_ind
     ctx.backend = backend
     ctx.want = (want_logp, want_entropy)
     ctx.set_materialize_grads(False)
-    shape = logits.shape[:-1]
-    outs = ([logp.view(shape)] if want_logp else []) + ([ent.view(shape)] if want_entropy else [])
+    outs = ([logp] if want_logp else []) + ([ent] if want_entropy else [])
     return tuple(outs) if len(outs) > 1 else outs[0]
 
 
@@ -230,4 +247,33 @@ def row_backward_from_ctx(ctx, grads) -> Optional[torch.Tensor]:
         dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)  # [..., V]
     row_backward(ctx.backend, as_rows3d(logits), lab, lse, ent, dlogp, dent, ctx.inv_temp, ctx.ignore_index,
                  as_rows3d(dlogits))
+    if ctx.inplace_backward and ctx.backend != "torch":
+        # The kernels wrote through a raw pointer: tell autograd the logits changed, so any other
+        # consumer that saved them raises its usual in-place error instead of reading gradients.
+        torch.autograd.graph.increment_version(logits)
     return dlogits
+
+
+class RowLogprobsEntropy(torch.autograd.Function):
+    """``(logp [N]?, entropy [N]?)`` per row of ``logits``; only ``[N]`` tensors are saved.
+
+    Backward is one gradient pass over the logits (first derivatives only: a second
+    differentiation raises autograd's ``once_differentiable`` error instead of a wrong value).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, ignore_index, want_logp, want_entropy, inplace_backward, backend):
+        x3 = as_rows3d(logits)  # [B, T, V] view
+        if inplace_backward:
+            check_inplace(logits)
+        lab = labels.reshape(-1).contiguous() if labels is not None else None  # [N]
+        inv_temp = 1.0 / temperature
+        logp, ent, lse = row_forward(backend, x3, lab, inv_temp, ignore_index, want_entropy)
+        return finish_row_forward(ctx, logits, lab, lse, ent, logp, inv_temp=inv_temp, ignore_index=ignore_index,
+                                  inplace_backward=inplace_backward, backend=backend, want_logp=want_logp,
+                                  want_entropy=want_entropy)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        return (row_backward_from_ctx(ctx, grads),) + (None,) * 7

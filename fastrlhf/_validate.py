@@ -12,11 +12,14 @@ LABEL_DTYPES = (torch.int32, torch.int64)
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def check_temperature(temperature: float) -> float:
-    t = float(temperature)
-    if not (t > 0.0 and math.isfinite(t)):
-        raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
-    return t
+def check_temperature(temperature) -> float:
+    """A finite float > 0 (a Python number or a 0-d tensor that needs no gradient)."""
+    if isinstance(temperature, torch.Tensor) and temperature.requires_grad:
+        raise ValueError("temperature is a tensor that requires grad: the ops take it as a constant "
+                         "(divide the logits yourself to learn a temperature)")
+    if isinstance(temperature, (bool, str)):
+        raise TypeError(f"temperature must be a finite float > 0, got {type(temperature).__name__} {temperature!r}")
+    return check_scalar(temperature, "temperature", low=0.0, low_open=True)
 
 
 def check_logits(logits: torch.Tensor, name: str = "logits") -> None:
@@ -87,5 +90,50 @@ def check_dpo_refs(ref_chosen_logps, ref_rejected_logps, B: int, device: torch.d
     for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != (B,):
             raise ValueError(f"{name} must be a [B] = [{B}] tensor, got {getattr(t, 'shape', type(t))}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor (sequence log-probabilities), got {t.dtype}")
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but the inputs are on {device}")
+
+
+def check_scalar(value, name: str, *, low: float | None = None, low_open: bool = False, high: float | None = None,
+                 high_open: bool = False, optional: bool = False) -> float | None:
+    """A finite real hyper-parameter -> ``float``: a Python number or a 0-d tensor that needs no
+    gradient (bool and strings are rejected), within ``[low, high]`` (open ends when asked).
+    NaN and inf are rejected: ``nan < 0`` is False, so a NaN would silently switch a term off."""
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name} is required, got None")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dim() != 0:
+            raise ValueError(f"{name} must be a number or a 0-d tensor, got a tensor of shape {tuple(value.shape)}")
+        if value.requires_grad:
+            raise ValueError(f"{name} is a tensor that requires grad: hyper-parameters are constants here")
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a real number, got a {value.dtype} tensor")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if low is not None and (v <= low if low_open else v < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and (v >= high if high_open else v > high):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
+    return v
+
+
+def check_ignore_index(ignore_index) -> int:
+    """An int (or 0-d integer tensor) that fits int64 (every backend compares labels with it)."""
+    if isinstance(ignore_index, torch.Tensor):
+        if ignore_index.dim() != 0 or ignore_index.is_floating_point() or ignore_index.dtype == torch.bool:
+            raise TypeError(f"ignore_index must be an int, got a {ignore_index.dtype} tensor of shape "
+                            f"{tuple(ignore_index.shape)}")
+        ignore_index = int(ignore_index.item())
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    return ignore_index

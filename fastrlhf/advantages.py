@@ -1,4 +1,9 @@
-"""Critic-free advantage estimators beside ``fastrlhf.gae`` and ``fastrlhf.group_advantages``.
+"""Advantage estimators: GAE, GRPO's group normalisation, RLOO, REINFORCE, REINFORCE++.
+
+- :func:`gae` (Schulman et al. 2016): over the counted tokens of each row (verl's multi-turn
+  GAE); CUDA tensors run the Triton kernel of ``fastrlhf/kernels/gae.py``, others the torch
+  scan below.
+- :func:`group_advantages` (Shao et al. 2024, sec. 4.1.2): ``(r - mean_group) / (std_group + eps)``.
 
 All are ``[B]`` / ``[B, T]``-sized (no vocabulary dimension) and run under ``no_grad``: advantages
 are constants of the policy loss. Same-named oracles live in :mod:`fastrlhf.reference`.
@@ -39,17 +44,98 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import reference as ref
-from .ops import gae
+from ._backend import resolve_backend
+from ._validate import check_scalar
+from .token_math import KL_ESTIMATORS, float_dtype, kl_terms
 
-__all__ = ["rloo_advantages", "reinforce_advantages", "reinforce_plus_plus_advantages"]
+__all__ = ["gae", "group_advantages", "rloo_advantages", "reinforce_advantages", "reinforce_plus_plus_advantages"]
 
 # OpenRLHF's variance floor for the global whitening (``var.clamp(min=1e-8).rsqrt()``).
 WHITEN_EPS = 1e-8
 
 
-def _float_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation over the counted tokens of each row -> ``(advantages, returns)``.
+
+    ``delta_t = r_t + gamma * V_next - V_t``, ``A_t = delta_t + gamma * lam * A_next`` where
+    ``next`` is the next counted token (V and A are 0 after the last one); uncounted tokens
+    are skipped (verl's multi-turn GAE) and get 0; ``returns = A + V`` on counted tokens.
+    All ``[B, T]``; outputs fp32 (fp64 for fp64 rewards). No gradient (advantages are constants).
+    """
+    for name, t in (("rewards", rewards), ("values", values), ("mask", mask)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} must be a [B, T] tensor, got {getattr(t, 'shape', type(t))}")
+        if t.shape != rewards.shape:
+            raise ValueError(f"{name} must have the shape of rewards {tuple(rewards.shape)}, got {tuple(t.shape)}")
+        if t.device != rewards.device:
+            raise ValueError(f"{name} is on {t.device} but rewards are on {rewards.device}")
+    gamma = check_scalar(gamma, "gamma", low=0.0, high=1.0)
+    lam = check_scalar(lam, "lam", low=0.0, high=1.0)
+    if resolve_backend(backend, rewards.device) == "triton" and rewards.dtype != torch.float64:
+        from .kernels.gae import gae_forward
+
+        return gae_forward(rewards.detach(), values.detach(), mask, gamma=gamma, lam=lam)
+    with torch.no_grad():
+        return _gae_scan(rewards, values, mask, gamma, lam)
+
+
+def _gae_scan(rewards, values, mask, gamma: float, lam: float):
+    """The backward scan on ``[B]`` columns: the TD errors of all tokens at once, then one step per t."""
+    B, T = rewards.shape
+    dt = float_dtype(rewards)
+    m = mask.bool()
+    zero = torch.zeros((), dtype=dt, device=rewards.device)
+    v = torch.where(m, values.to(dt), zero)
+    # V of the next counted token of each position: carry the last counted value backwards.
+    v_next = torch.empty_like(v)
+    carry = torch.zeros(B, dtype=dt, device=rewards.device)
+    for t in range(T - 1, -1, -1):
+        v_next[:, t] = carry
+        carry = torch.where(m[:, t], v[:, t], carry)
+    delta = torch.where(m, rewards.to(dt) + gamma * v_next - v, zero)  # [B, T] TD errors
+    adv = torch.empty_like(delta)
+    running = torch.zeros(B, dtype=dt, device=rewards.device)
+    for t in range(T - 1, -1, -1):
+        running = torch.where(m[:, t], delta[:, t] + gamma * lam * running, running)
+        adv[:, t] = running
+    adv = torch.where(m, adv, zero)
+    return adv, torch.where(m, adv + v, zero)
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    *,
+    scale: str = "group",
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """GRPO outcome advantages: ``(r - mean_group) / (std_group + eps)``, unbiased std.
+
+    ``rewards``: ``[B * G]`` (consecutive groups of ``group_size``) or ``[B, G]``; same shape
+    out, fp32 (fp64 for fp64). ``scale="none"`` only centres (Dr. GRPO, Liu et al. 2025). A
+    group of one has std 0 (advantage 0). Note: with near-identical rewards in a group (1.001 vs
+    1.000) the std is tiny and the division blows the difference up to about +-0.7;
+    ``scale="none"`` or a larger ``eps`` avoids that.
+    """
+    _check_grouped(rewards, group_size, 1)
+    if scale not in ("group", "none"):
+        raise ValueError(f"scale must be 'group' or 'none', got {scale!r}")
+    eps = check_scalar(eps, "eps", low=0.0)
+    r = rewards.detach().to(float_dtype(rewards)).reshape(-1, group_size)  # [B, G]
+    if scale == "none":
+        return (r - r.mean(-1, keepdim=True)).reshape(rewards.shape)
+    if group_size == 1 or r.numel() == 0:
+        return torch.zeros_like(r).reshape(rewards.shape)
+    std, mean = torch.std_mean(r, dim=-1, keepdim=True, correction=1)
+    return ((r - mean) / (std + eps)).reshape(rewards.shape)
 
 
 def _check_grouped(rewards, group_size: int, min_group: int, name: str = "rewards") -> None:
@@ -81,7 +167,7 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
         Advantages of the shape of ``rewards``, fp32 (fp64 for fp64 rewards).
     """
     _check_grouped(rewards, group_size, 2)
-    r = rewards.detach().to(_float_dtype(rewards)).reshape(-1, group_size)  # [B, G]
+    r = rewards.detach().to(float_dtype(rewards)).reshape(-1, group_size)  # [B, G]
     # sum_{j != i} r_j = sum_j r_j - r_i: one reduction instead of G masked means.
     baseline = (r.sum(-1, keepdim=True) - r) / (group_size - 1)  # [B, G]
     return (r - baseline).reshape(rewards.shape)
@@ -105,10 +191,9 @@ def _check_token_inputs(rewards, mask, logprobs, ref_logprobs, kl_coef, kl_estim
         raise ValueError(f"mask is on {mask.device} but rewards are on {rewards.device}")
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
-    if kl_coef < 0:
-        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
-    if kl_estimator not in ref.KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {ref.KL_ESTIMATORS}, got {kl_estimator!r}")
+    check_scalar(kl_coef, "kl_coef", low=0.0)
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
     if kl_coef > 0:
         for name, t in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs)):
             if t is None:
@@ -131,7 +216,7 @@ def _token_rewards(rewards, m, logprobs, ref_logprobs, kl_coef, kl_estimator, dt
     else:
         tok = rewards.to(dt) * m
     if kl_coef > 0:
-        kl = ref.kl_estimate(logprobs.to(dt), ref_logprobs.to(dt), kl_estimator)  # [B, T]
+        kl, _ = kl_terms(logprobs.to(dt), ref_logprobs.to(dt), kl_estimator)  # [B, T]
         tok = tok - kl_coef * kl * m
     return tok
 
@@ -178,7 +263,7 @@ def reinforce_advantages(
     _check_token_inputs(rewards, mask, logprobs, ref_logprobs, kl_coef, kl_estimator, gamma)
     if baseline not in ("none", "mean"):
         raise ValueError(f"baseline must be 'none' or 'mean', got {baseline!r}")
-    dt = _float_dtype(rewards)
+    dt = float_dtype(rewards)
     m = mask.bool()
     returns = _returns_to_go(_token_rewards(rewards, m, logprobs, ref_logprobs, kl_coef, kl_estimator, dt), m, gamma)
     if baseline == "none":
@@ -221,7 +306,7 @@ def reinforce_plus_plus_advantages(
     _check_token_inputs(rewards, mask, logprobs, ref_logprobs, kl_coef, kl_estimator, gamma)
     if not eps > 0:
         raise ValueError(f"eps must be > 0 (it floors the variance), got {eps}")
-    dt = _float_dtype(rewards)
+    dt = float_dtype(rewards)
     if group_size is not None:
         if rewards.dim() != 1:
             raise ValueError("group_size (REINFORCE++-baseline) needs outcome rewards [B], got per-token rewards")

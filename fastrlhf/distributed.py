@@ -25,8 +25,9 @@ from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
-from ._rows import as_rows3d, finish_row_forward, row_backward_from_ctx, row_forward
+from ._rows import as_rows3d, check_inplace, finish_row_forward, row_backward_from_ctx, row_forward
 
 __all__ = ["shard_offset", "VocabParallelLogprobsEntropy"]
 
@@ -55,6 +56,8 @@ class VocabParallelLogprobsEntropy(torch.autograd.Function):
     def forward(ctx, logits, labels, temperature, ignore_index, want_logp, want_entropy, inplace_backward,
                 backend, group, offset):
         x3 = as_rows3d(logits)  # [B, T, V_r]
+        if inplace_backward:
+            check_inplace(logits)
         B, T, V_r = x3.shape
         N = B * T
         inv_temp = 1.0 / temperature
@@ -94,6 +97,7 @@ class VocabParallelLogprobsEntropy(torch.autograd.Function):
                                   want_entropy=want_entropy)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, *grads):
         return (row_backward_from_ctx(ctx, grads),) + (None,) * 9
 

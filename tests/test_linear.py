@@ -174,8 +174,7 @@ def _ppo_data(B, T, logp_ref, seed, use_mask=False, per_seq_adv=False):
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("config", list(PPO_CONFIGS))
 @pytest.mark.parametrize("fused", [True, False], ids=["grad-in-forward", "two-pass"])
-def test_ppo_clip_loss_matches_reference(backend, config, fused, monkeypatch):
-    monkeypatch.setattr(fastrlhf.linear, "FUSE_PPO_BACKWARD", fused)
+def test_ppo_clip_loss_matches_reference(backend, config, fused):
     opts = dict(PPO_CONFIGS[config])
     use_mask, per_seq, bias = opts.pop("use_mask", False), opts.pop("per_seq_adv", False), opts.pop("bias", False)
     B, T, H, V = _dims(backend)
@@ -185,11 +184,13 @@ def test_ppo_clip_loss_matches_reference(backend, config, fused, monkeypatch):
     old, adv, ref_lp, mask = _ppo_data(B, T, lp_now, seed=8, use_mask=use_mask, per_seq_adv=per_seq)
     if opts.get("kl_coef", 0) > 0:
         opts["ref_logprobs"] = ref_lp
+    # Gradients wanted for the advantages too: the two-pass route (exact gradients in every input).
+    adv = adv.clone().requires_grad_(not fused)
     loss, stats = fastrlhf.linear_ppo_clip_loss(
         hidden, weight, labels, old, adv, bias=b, mask=mask, chunk_size=5, backend=backend, **opts
     )
     opts.pop("compute_entropy", None)
-    loss64, stats64 = R.linear_ppo_clip_loss(h64, w64, labels, old, adv, bias=b64, mask=mask, **opts)
+    loss64, stats64 = R.linear_ppo_clip_loss(h64, w64, labels, old, adv.detach(), bias=b64, mask=mask, **opts)
     assert loss.shape == () and loss.dtype == torch.float32
     assert (type(loss.grad_fn).__name__ == "LinearTokenSeparableLossBackward") == fused
     torch.testing.assert_close(loss.double(), loss64, atol=2e-5, rtol=0)

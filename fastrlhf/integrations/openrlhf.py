@@ -17,11 +17,11 @@ Sources read (OpenRLHF 0.11.2, ``pip download openrlhf==0.11.2``; OpenRLHF/OpenR
   unbiased_gradient=False)``: ``fastrlhf.kl_estimate`` (k1/k2/k3 of ``log_probs - log_probs_base``
   in fp32, clamped to [-10, 10]) plus OpenRLHF's straight-through unbiased-gradient option.
 - ``PolicyLoss`` (``nn.Module``, same constructor and ``forward`` -> ``(loss, clip_ratio, ppo_kl,
-  vllm_kl, is_filter_ratio)``): PPO-clip from ``fastrlhf.reference.ppo_clip_loss_from_logprobs``
+  vllm_kl, is_filter_ratio)``): PPO-clip from ``fastrlhf.token_math.policy_loss_from_logprobs``
   (ratio clamp +-20, asymmetric clip, dual clip), ``token_level_loss`` aggregation, GSPO and the
   train/rollout importance-sampling correction (token/seq level, mask/clip, ratio/binary_kl/tv).
 - ``DPOLoss(beta, label_smoothing=0.0, ipo=False)`` -> ``(loss, chosen_rewards, rejected_rewards)``:
-  ``fastrlhf.reference.dpo_loss_from_logprobs`` (sigmoid / cDPO label smoothing / IPO).
+  ``fastrlhf.dpo.pair_loss`` (sigmoid / cDPO label smoothing / IPO).
 
 Only the first two touch ``[N, V]`` logits; the rest is ``[N]``-sized (no memory saved) and is
 here so that every loss term of a patched run is fastrlhf's.
@@ -35,8 +35,10 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from .. import ops
-from .. import reference as ref
+from .. import logprobs as ops
+from ..dpo import pair_loss
+from ..ppo import kl_estimate
+from ..token_math import KL_ESTIMATORS, as_batch_time, policy_loss_from_logprobs
 from ._patch import (
     PatchHandle,
     Target,
@@ -97,11 +99,11 @@ def compute_approx_kl(
     """
     ensure_tensor(log_probs, "log_probs")
     ensure_tensor(log_probs_base, "log_probs_base")
-    if kl_estimator not in ref.KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {ref.KL_ESTIMATORS}, got {kl_estimator!r}")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
     lp = log_probs.float()
     base = log_probs_base.float()
-    value = ops.kl_estimate(lp, base, kl_estimator, clamp=KL_CLAMP)
+    value = kl_estimate(lp, base, kl_estimator, clamp=KL_CLAMP)
     if not unbiased_gradient:
         return value
     log_ratio = lp - base
@@ -127,7 +129,7 @@ class PolicyLoss(nn.Module):
     Constructor and ``forward(log_probs, old_log_probs, advantages, action_mask=None,
     rollout_log_probs=None, dp_size=1, batch_num_tokens=None, global_batch_size=None)`` as
     OpenRLHF; returns ``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)`` (the last two None
-    without IS correction). The per-token PPO math is fastrlhf's reference
+    without IS correction). The per-token PPO math is fastrlhf's own
     (``ppo_clip_loss_from_logprobs``): ``ratio = exp(clamp(logp - old, -20, 20))``,
     ``max(-A ratio, -A clamp(ratio, 1 - clip_eps_low, 1 + clip_eps_high))``, dual clip
     ``min(., -A dual_clip)`` where ``A < 0`` (Ye et al. 2020). The IS-correction coefficient (a
@@ -227,14 +229,14 @@ class PolicyLoss(nn.Module):
             ensure_tensor(t, name)
         raw_log_ratio = log_probs - old_log_probs
         mask = torch.ones_like(log_probs) if action_mask is None else action_mask
-        m = ref.as_batch_time(mask).to(log_probs.dtype)  # [B, T]
-        lp = ref.as_batch_time(log_probs)
-        old = ref.as_batch_time(old_log_probs)
-        A = ref.as_batch_time(advantages).to(lp.dtype)
+        m = as_batch_time(mask).to(log_probs.dtype)  # [B, T]
+        lp = as_batch_time(log_probs)
+        old = as_batch_time(old_log_probs)
+        A = as_batch_time(advantages).to(lp.dtype)
         correcting = self.is_correction_level != "off"
 
         if self.policy_loss_type == "gspo":
-            log_ratio = lp - ref.as_batch_time(rollout_log_probs) if correcting else lp - old
+            log_ratio = lp - as_batch_time(rollout_log_probs) if correcting else lp - old
             seq = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)  # [B, 1]
             # One ratio per sequence, fed through the same PPO math as (logp, old) = (seq, 0).
             lp_in, old_in = seq.expand_as(lp), torch.zeros_like(lp)
@@ -247,7 +249,7 @@ class PolicyLoss(nn.Module):
             coef, vllm_kl, filter_ratio = self._is_correction(
                 old_log_probs, rollout_log_probs, action_mask
             )
-            scale = ref.as_batch_time(coef.expand_as(log_probs)).to(lp.dtype)
+            scale = as_batch_time(coef.expand_as(log_probs)).to(lp.dtype)
 
         # Aggregation weights per token (OpenRLHF's aggregate_loss) folded into the advantages,
         # then summed: sum_t pg(A_t) * s_t = sum_t pg(s_t * A_t) for s_t >= 0.
@@ -258,8 +260,8 @@ class PolicyLoss(nn.Module):
             counts = m.sum(-1, keepdim=True)  # [B, 1]
             n_seq = (counts > 0).float().sum() if global_batch_size is None else global_batch_size / dp_size
             s = m / (counts + 1e-8) * (counts > 0).to(m.dtype) / n_seq
-        loss, _ = ref.ppo_clip_loss_from_logprobs(
-            lp_in.reshape(1, -1), m.bool().to(lp.dtype).reshape(1, -1), old_in.reshape(1, -1),
+        loss, _ = policy_loss_from_logprobs(
+            lp_in.reshape(1, -1), m.bool().reshape(1, -1), old_in.reshape(1, -1),
             (A * scale * s).reshape(1, -1), clip_low=self.clip_eps_low, clip_high=self.clip_eps_high,
             dual_clip=self.dual_clip, loss_agg="seq-mean-token-sum",
         )
@@ -279,7 +281,7 @@ class DPOLoss(nn.Module):
 
     ``forward(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     reference_rejected_logps)`` (all ``[B]``) -> ``(loss, chosen_rewards, rejected_rewards)`` with
-    ``loss`` from ``fastrlhf.reference.dpo_loss_from_logprobs`` (mean over pairs) and the rewards
+    ``loss`` from ``fastrlhf.dpo.pair_loss`` (mean over pairs) and the rewards
     ``beta * (policy - reference)`` per pair, detached.
     """
 
@@ -307,7 +309,7 @@ class DPOLoss(nn.Module):
                     f"{name} must have the shape of policy_chosen_logps {tuple(policy_chosen_logps.shape)}, "
                     f"got {tuple(t.shape)}"
                 )
-        loss, _ = ref.dpo_loss_from_logprobs(
+        loss, _ = pair_loss(
             policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
             beta=self.beta, loss_type="ipo" if self.ipo else "sigmoid", label_smoothing=self.label_smoothing,
         )

@@ -40,7 +40,7 @@ from typing import Optional, Union
 
 import torch
 
-from .. import ops
+from .. import logprobs as ops
 from ._patch import PatchHandle, Target, apply_patch, check_params, ensure_tensor, replace_with, replace_with_class
 
 __all__ = [

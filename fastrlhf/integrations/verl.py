@@ -24,7 +24,7 @@ volcengine/verl main): ``verl/utils/torch_functional.py`` and ``verl/trainer/ppo
   loss_agg_mode="token-mean", config=None, rollout_is_weights=None)`` -> ``(pg_loss, pg_metrics)``
   (verl 0.9.1; older verl returned ``(pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower)``, which
   ``patch()`` reproduces when the installed function's annotation says so). The loss is
-  ``fastrlhf.reference.ppo_clip_loss_from_logprobs``: ratio clamp +-20, clip-higher
+  ``fastrlhf.token_math.policy_loss_from_logprobs``: ratio clamp +-20, clip-higher
   (``clip_ratio_low``/``clip_ratio_high``), dual clip with ``clip_ratio_c``.
 
 The KL, aggregation and policy-loss functions are ``[N]``-sized: patching them saves no memory;
@@ -41,9 +41,10 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .. import ops
-from .. import reference as ref
+from .. import logprobs as ops
 from .._rows import as_rows3d
+from ..ppo import kl_estimate
+from ..token_math import as_batch_time, policy_loss_from_logprobs
 from ._patch import (
     PatchHandle,
     Target,
@@ -108,13 +109,13 @@ def entropy_from_logits_with_chunking(logits: torch.Tensor, chunk_size: int = 20
 
 def _kl_forward(logprob: torch.Tensor, ref_logprob: torch.Tensor, name: str) -> torch.Tensor:
     if name in ("kl", "k1"):
-        return ops.kl_estimate(logprob, ref_logprob, "k1")
+        return kl_estimate(logprob, ref_logprob, "k1")
     if name == "abs":
-        return ops.kl_estimate(logprob, ref_logprob, "k1").abs()
+        return kl_estimate(logprob, ref_logprob, "k1").abs()
     if name in ("mse", "k2"):
-        return ops.kl_estimate(logprob, ref_logprob, "k2")
+        return kl_estimate(logprob, ref_logprob, "k2")
     if name in ("low_var_kl", "k3"):
-        return ops.kl_estimate(logprob, ref_logprob, "k3", clamp=K3_CLAMP)
+        return kl_estimate(logprob, ref_logprob, "k3", clamp=K3_CLAMP)
     if name == "full":
         # verl raises too: it would need the full-vocabulary distributions, not token logprobs.
         raise NotImplementedError("kl_penalty='full' needs full-vocabulary logprobs; verl does not implement it")
@@ -138,7 +139,7 @@ def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str
     forward_score = _kl_forward(logprob, ref_logprob, kl_penalty[:-1] if straight else kl_penalty)
     if not straight or kl_penalty in ("mse", "k2"):
         return forward_score
-    backward_score = ops.kl_estimate(logprob, ref_logprob, "k2")
+    backward_score = kl_estimate(logprob, ref_logprob, "k2")
     return backward_score - backward_score.detach() + forward_score.detach()
 
 
@@ -157,13 +158,13 @@ def _agg_weights(
     (``/ loss_scale_factor``, default ``T``, for -norm); seq-mean-token-mean
     ``m / (sum_t m + 1e-8) / n_seq * dp``; where ``n_tok`` is ``batch_num_tokens`` (default: the
     micro-batch's counted tokens) and ``n_seq`` is ``global_batch_size`` (default: its sequences
-    with a counted token). Locally the same normalisations as ``fastrlhf.reference.loss_agg_weights``
+    with a counted token). Locally the same normalisations as ``fastrlhf.token_math.loss_agg_weights``
     (token-mean, seq-mean-token-mean), except that verl's seq-mean-token-sum(-norm) count only
     non-empty sequences.
     """
     if loss_agg_mode not in AGG_MODES:
         raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {loss_agg_mode!r}")
-    m = ref.as_batch_time(loss_mask).to(dtype)  # [B, T]
+    m = as_batch_time(loss_mask).to(dtype)  # [B, T]
     if dp_size > 1 and loss_agg_mode == "token-mean" and batch_num_tokens is None:
         raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
     if dp_size > 1 and loss_agg_mode.startswith("seq-") and global_batch_size is None:
@@ -207,7 +208,7 @@ def agg_loss(
         )
     dt = loss_mat.dtype if loss_mat.is_floating_point() else torch.float32
     w = _agg_weights(loss_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor, dt)
-    x = ref.as_batch_time(torch.where(loss_mask.bool(), loss_mat, torch.zeros((), dtype=dt, device=loss_mat.device)))
+    x = as_batch_time(torch.where(loss_mask.bool(), loss_mat, torch.zeros((), dtype=dt, device=loss_mat.device)))
     return (x * w).sum()
 
 
@@ -245,24 +246,24 @@ def _policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mod
         raise ValueError(f"clip_ratio_c (dual-clip lower bound, Ye et al. 2020) must be > 1.0, got {clip_ratio_c}")
     batch_info: dict[str, Any] = dict(_cfg(config, "global_batch_info", None) or {})
 
-    lp = ref.as_batch_time(log_prob)
-    old = ref.as_batch_time(old_log_prob)
-    A = ref.as_batch_time(advantages).to(lp.dtype)
-    m = ref.as_batch_time(response_mask)
+    lp = as_batch_time(log_prob)
+    old = as_batch_time(old_log_prob)
+    A = as_batch_time(advantages).to(lp.dtype)
+    m = as_batch_time(response_mask)
     counted = m.bool().to(lp.dtype)
     # verl weights token t by s_t = (aggregation weight) * (rollout IS weight). PPO-clip's
     # per-token loss is positively homogeneous in A (pg(s*A) = s * pg(A) for s >= 0, dual clip
-    # included), so sum_t pg(A_t) * s_t = sum_t pg(s_t * A_t): fastrlhf's reference PPO math on
+    # included), so sum_t pg(A_t) * s_t = sum_t pg(s_t * A_t): fastrlhf's PPO math on
     # scaled advantages, summed ("seq-mean-token-sum" over one row = plain sum), is verl's loss.
     s = _agg_weights(m, loss_agg_mode, dtype=lp.dtype, **batch_info)
     if rollout_is_weights is not None:
         ensure_tensor(rollout_is_weights, "rollout_is_weights")
-        isw = ref.as_batch_time(rollout_is_weights).to(lp.dtype)
+        isw = as_batch_time(rollout_is_weights).to(lp.dtype)
         if bool((isw < 0).any()):
             raise ValueError("rollout_is_weights must be >= 0 (importance weights)")
         s = s * isw
-    loss, _ = ref.ppo_clip_loss_from_logprobs(
-        lp.reshape(1, -1), counted.reshape(1, -1), old.reshape(1, -1), (A * s).reshape(1, -1),
+    loss, _ = policy_loss_from_logprobs(
+        lp.reshape(1, -1), counted.bool().reshape(1, -1), old.reshape(1, -1), (A * s).reshape(1, -1),
         clip_low=low, clip_high=high, dual_clip=clip_ratio_c, loss_agg="seq-mean-token-sum",
     )
     # Metrics exactly as verl computes them (with the unscaled advantages): masked means with +1e-8.

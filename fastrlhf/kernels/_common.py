@@ -1,4 +1,6 @@
-"""Small Triton helpers shared by the kernel files."""
+"""Small Triton helpers shared by the kernel files (the kernels know no other fastrlhf module)."""
+
+import os
 
 import triton
 import triton.language as tl
@@ -15,3 +17,8 @@ def to_bf16_rtne(x):
     bits = x.to(tl.uint32, bitcast=True)
     bits = bits + 0x7FFF + ((bits >> 16) & 1)
     return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+def interpreted() -> bool:
+    """Whether Triton runs under its CPU interpreter (``TRITON_INTERPRET=1``, read when kernels are decorated)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

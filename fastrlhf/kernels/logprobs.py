@@ -1,10 +1,10 @@
 """Token log-probabilities and entropy from logits, streaming over the vocabulary (Triton).
 
 Reference: ``fastrlhf.reference.token_logprobs`` / ``token_logprobs_and_entropy`` / ``entropy``
-(the oracle the tests compare against). These kernels implement the two row primitives of
-``fastrlhf._rows`` (``row_forward`` / ``row_backward``); the autograd Function and the public
-wrappers are ``fastrlhf.ops.RowLogprobsEntropy`` / ``fastrlhf.token_logprobs`` etc., shared by
-every backend.
+(the oracle the tests compare against). These kernels implement the two row primitives that
+``fastrlhf._rows`` dispatches (``row_forward`` / ``row_backward``); every op on logits (token
+ops, PPO / GRPO, DPO) is a forward pass here plus, in backward, one gradient pass. This module
+is a leaf: it takes tensors and scalars and knows no other fastrlhf module.
 
 Math, per row with ``x = logits[n] / temperature``:
     lse     = logsumexp(x)
@@ -34,9 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import triton_interpreted
-from .._rows import alloc_row_outputs
-from ._common import to_bf16_rtne
+from ._common import interpreted, to_bf16_rtne
 
 # 4096 elements per block: 8 KiB of bf16 per load, 16 per thread at 8 warps, which keeps
 # enough bytes in flight per SM to saturate HBM (the usual choice of fused softmax kernels).
@@ -187,7 +185,7 @@ def _logprobs_bwd_kernel(
 
 
 def launch_config(V: int) -> Tuple[int, int]:
-    cap = INTERPRET_BLOCK_V if triton_interpreted() else MAX_BLOCK_V
+    cap = INTERPRET_BLOCK_V if interpreted() else MAX_BLOCK_V
     block_v = min(cap, triton.next_power_of_2(V))
     num_warps = 8 if block_v >= 2048 else 4
     return block_v, num_warps
@@ -198,14 +196,17 @@ def logprobs_forward(
     labels: Optional[torch.Tensor],
     inv_temp: float,
     ignore_index: int,
-    want_entropy: bool,
-) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
-    """Row forward (see ``fastrlhf._rows``): ``(logp [N] | None, entropy [N] | None, lse [N])``."""
+    logp: Optional[torch.Tensor],
+    ent: Optional[torch.Tensor],
+    lse: torch.Tensor,
+) -> None:
+    """Row forward (see ``fastrlhf._rows``): fills ``logp [N]`` (when labels are given),
+    ``ent [N]`` (when given) and ``lse [N]``, fp32 buffers allocated by the caller."""
     B, T, V = x3.shape
     N = B * T
-    logp, ent, lse = alloc_row_outputs(x3, labels is not None, want_entropy)
+    want_entropy = ent is not None
     if N == 0:
-        return logp, ent, lse
+        return
     block_v, num_warps = launch_config(V)
     _logprobs_fwd_kernel[(N,)](
         x3, labels if labels is not None else lse, logp if logp is not None else lse,
@@ -216,7 +217,6 @@ def logprobs_forward(
         HAS_LABELS=labels is not None, HAS_ENTROPY=want_entropy, BLOCK_V=block_v,
         num_warps=num_warps,
     )
-    return logp, ent, lse
 
 
 def logprobs_backward(
@@ -246,5 +246,5 @@ def logprobs_backward(
         *out3.stride(),
         inv_temp, ignore_index,
         HAS_LABELS=labels is not None, HAS_DLOGP=dlogp is not None, HAS_DENT=dent is not None,
-        MANUAL_RTNE=triton_interpreted() and out3.dtype == torch.bfloat16, BLOCK_V=block_v, num_warps=num_warps,
+        MANUAL_RTNE=interpreted() and out3.dtype == torch.bfloat16, BLOCK_V=block_v, num_warps=num_warps,
     )

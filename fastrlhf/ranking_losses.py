@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .linear import linear_token_logprobs
-from .ops import token_logprobs
+from .logprobs import token_logprobs
 
 __all__ = ["pairwise_reward_loss", "rrhf_loss", "linear_rrhf_loss"]
 

@@ -55,7 +55,7 @@ def _gae_kernel(
         next_a = tl.where(m, a, next_a)
 
 
-def gae_triton(
+def gae_forward(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float, lam: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch helper behind :func:`fastrlhf.gae` (inputs validated there)."""

@@ -1,0 +1,141 @@
+"""Token ops: log-probability of each label and entropy per row, from logits.
+
+Public ops of ``shared/API.md`` ("Token ops"): :func:`token_logprobs`,
+:func:`token_logprobs_and_entropy`, :func:`entropy`. Each is one autograd Function over the row
+primitives of :mod:`fastrlhf._rows` (forward: one streaming pass per row writing only ``[N]``
+outputs; backward: one pass recomputing the softmax from the saved logsumexp and writing the
+logits' gradient), on the backend :mod:`fastrlhf._backend` picks. The losses of
+:mod:`fastrlhf.ppo` and :mod:`fastrlhf.dpo` are built on :func:`token_values`.
+
+Kernel: ``fastrlhf/kernels/logprobs.py`` (Triton), ``fastrlhf/csrc/rows.cpp`` (native), the
+chunked torch twin in ``fastrlhf/_rows.py``. Oracle: ``fastrlhf/reference.py`` (same names).
+Tests: ``tests/test_logprobs.py``. Benchmark: ``fastrlhf bench logprobs`` / ``entropy``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ._backend import resolve_backend
+from ._rows import RowLogprobsEntropy
+from ._validate import check_labels, check_logits, check_temperature
+
+__all__ = ["token_logprobs", "token_logprobs_and_entropy", "entropy", "prepare", "token_values"]
+
+
+def _vocab_offset(logits: torch.Tensor, process_group) -> Tuple[int, int]:
+    """``(offset of this rank's vocabulary shard, global V)``; ``(0, V)`` without a group."""
+    if process_group is None:
+        return 0, logits.shape[-1]
+    from .distributed import shard_offset
+
+    return shard_offset(logits.shape[-1], process_group)
+
+
+def prepare(logits, labels, temperature, ignore_index, backend, process_group=None):
+    """Check inputs; ``(temperature, concrete backend, vocab offset of this rank's shard)``."""
+    check_logits(logits)
+    temperature = check_temperature(temperature)
+    offset, vocab = _vocab_offset(logits, process_group)
+    if labels is not None:
+        check_labels(labels, logits, ignore_index, vocab_size=vocab)
+    return temperature, resolve_backend(backend, logits.device, logits.dtype, logits), offset
+
+
+def token_values(logits, labels, temperature, ignore_index, want_logp, want_entropy, inplace_backward, backend,
+                 process_group=None, offset=0):
+    """``logp`` / ``entropy`` / both, shaped like ``logits.shape[:-1]``, from full logits or from this
+    rank's vocabulary shard. Inputs already checked by :func:`prepare`."""
+    if process_group is None:
+        out = RowLogprobsEntropy.apply(
+            logits, labels, temperature, ignore_index, want_logp, want_entropy, inplace_backward, backend
+        )
+    else:
+        from .distributed import vocab_parallel_token_values
+
+        out = vocab_parallel_token_values(
+            logits, labels, temperature=temperature, ignore_index=ignore_index, want_logp=want_logp,
+            want_entropy=want_entropy, inplace_backward=inplace_backward, backend=backend, group=process_group,
+            offset=offset,
+        )
+    shape = logits.shape[:-1]
+    # Reshaped here, outside the autograd Function: the caller gets ordinary tensors it may edit in place.
+    if isinstance(out, tuple):
+        return tuple(t.view(shape) for t in out)
+    return out.view(shape)
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+    process_group=None,
+) -> torch.Tensor:
+    """Log-probability of each label: ``logp = x[label] - logsumexp(x)``, ``x = logits / temperature``.
+
+    Args:
+        logits: ``[..., V]`` fp32/bf16/fp16; leading dims may be non-contiguous.
+        labels: ``[...]`` int32/int64, aligned with ``logits`` (the caller shifts).
+        temperature: float > 0; the gradient flows through the division.
+        ignore_index: label giving logp 0 and exactly zero gradient.
+        inplace_backward: write the logits' gradient into the logits' own storage during backward
+            (saves ``N x V`` bytes). The logits then hold the gradient, so nothing else may need
+            their values afterwards: another op that saved them for its own backward raises
+            autograd's in-place error, and a second differentiation is refused.
+        backend: ``"auto"`` / ``"triton"`` / ``"native"`` / ``"torch"`` (or ``$FASTRLHF_BACKEND``).
+        process_group: vocab-parallel logits (each rank its contiguous shard; see ``fastrlhf.distributed``).
+
+    Returns:
+        ``logp [...]`` fp32. Memory: no ``[N, V]`` temporary besides the logits' gradient.
+    """
+    temperature, backend, offset = prepare(logits, labels, temperature, ignore_index, backend, process_group)
+    return token_values(logits, labels, temperature, ignore_index, True, False, inplace_backward, backend,
+                        process_group, offset)
+
+
+def token_logprobs_and_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+    process_group=None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(logp, entropy)`` per token from one pass over the vocabulary; both differentiable.
+
+    ``entropy = logsumexp(x) - sum(softmax(x) * x)``; both are 0 where ``labels == ignore_index``.
+    See :func:`token_logprobs` for the arguments.
+    """
+    temperature, backend, offset = prepare(logits, labels, temperature, ignore_index, backend, process_group)
+    return token_values(logits, labels, temperature, ignore_index, True, True, inplace_backward, backend,
+                        process_group, offset)
+
+
+def entropy(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+    process_group=None,
+) -> torch.Tensor:
+    """Entropy of ``softmax(logits / temperature)`` per row, ``[...]`` fp32, differentiable."""
+    temperature, backend, offset = prepare(logits, None, temperature, -100, backend, process_group)
+    return token_values(logits, None, temperature, -100, False, True, inplace_backward, backend,
+                        process_group, offset)
+
+
+def mask_as_ignored(labels: torch.Tensor, mask: Optional[torch.Tensor], ignore_index: int) -> torch.Tensor:
+    """Labels with ``mask = 0`` tokens set to ``ignore_index``: the row pass then skips them (no read,
+    zero gradient), so a NaN logit in a masked token cannot reach the loss."""
+    if mask is None:
+        return labels
+    return labels.masked_fill(~mask.reshape(labels.shape).bool(), ignore_index)
