@@ -38,9 +38,16 @@ class OptionalBuildExt(build_ext):
 def native_extensions():
     """``fastrlhf._C`` from ``fastrlhf/csrc/*.cpp`` (no torch headers: raw buffers from Python).
 
-    Environment: ``FASTRLHF_NO_NATIVE=1`` skips it; ``FASTRLHF_NATIVE_ARCH=0`` drops
-    ``-march=native`` (set it when building a wheel for other machines); ``FASTRLHF_OPENMP=0``
-    builds without OpenMP threads (e.g. Apple clang without libomp), keeping the SIMD pragmas.
+    The row kernels are compiled for AVX-512, AVX2+FMA+F16C and a portable fallback with
+    function-level ``target`` attributes and picked at load time from cpuid (``csrc/simd.h``),
+    so the build uses no ``-march`` flag and the wheel runs on any CPU of its architecture.
+    ``-ffp-contract=off``: the kernels' FMAs are explicit, and the compiler must not fuse
+    others differently per ISA (the AVX2 and AVX-512 kernels give the same bits).
+
+    Environment: ``FASTRLHF_NO_NATIVE=1`` skips it; ``FASTRLHF_OPENMP=0`` builds without
+    OpenMP threads (e.g. Apple clang without libomp). ``FASTRLHF_NATIVE_ARCH`` is no longer
+    read (there is no ``-march=native`` to drop). At run time ``FASTRLHF_NATIVE_SIMD=avx2``
+    (or ``portable``) caps the kernels used.
     """
     sources = sorted(glob.glob(os.path.join("fastrlhf", "csrc", "*.cpp")))
     if not sources or os.environ.get("FASTRLHF_NO_NATIVE") == "1":
@@ -48,16 +55,19 @@ def native_extensions():
     try:
         from pybind11.setup_helpers import Pybind11Extension
     except ImportError:
+        sys.stderr.write(
+            "\nWARNING: pybind11 is not installed: fastrlhf native CPU backend not built; the torch path will be "
+            "used (pip install pybind11, then rebuild).\n\n"
+        )
         return []
     use_openmp = os.environ.get("FASTRLHF_OPENMP", "1") == "1"
-    compile_args = ["-O3", "-ffp-contract=fast", "-fopenmp" if use_openmp else "-fopenmp-simd"]
-    if os.environ.get("FASTRLHF_NATIVE_ARCH", "1") == "1":
-        compile_args.append("-march=native")
+    compile_args = ["-O3", "-ffp-contract=off", "-fopenmp" if use_openmp else "-fopenmp-simd"]
     return [
         Pybind11Extension(
             "fastrlhf._C",
             sources,
-            depends=sorted(glob.glob(os.path.join("fastrlhf", "csrc", "*.h"))),
+            depends=sorted(glob.glob(os.path.join("fastrlhf", "csrc", "*.h"))
+                           + glob.glob(os.path.join("fastrlhf", "csrc", "*.inl"))),
             cxx_std=17,
             extra_compile_args=compile_args,
             extra_link_args=["-fopenmp"] if use_openmp else [],
@@ -72,7 +82,7 @@ setup(
     long_description=open("README.md").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fastrlhf", "fastrlhf.*"]),
-    package_data={"fastrlhf": ["csrc/*.cpp", "csrc/*.h", "data/*"]},
+    package_data={"fastrlhf": ["csrc/*.cpp", "csrc/*.h", "csrc/*.inl", "data/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -6,11 +6,20 @@
 // every tensor (device, dtype, shape, strides, contiguity) and allocates the outputs before
 // calling in; the checks here only guard against a misuse of this low-level interface.
 // The GIL is released while the rows are processed.
+//
+// simd_level / simd_levels / set_simd_level expose the run-time ISA dispatch (simd.h);
+// simd_to_f32 / simd_from_f32 / simd_exp run the active kernels' conversions and exp on flat
+// arrays, so that tests can check them bit for bit against torch and fp64.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
 
 #include "rows.h"
+#include "simd.h"
 
 namespace py = pybind11;
 
@@ -43,6 +52,41 @@ void backward(uintptr_t x, int dtype, int64_t B, int64_t T, int64_t V, int64_t s
                          out_stride_t, num_threads);
 }
 
+int checked_dtype(int dtype) {
+  if (dtype != fastrlhf::kFloat32 && dtype != fastrlhf::kBFloat16 && dtype != fastrlhf::kFloat16)
+    throw std::invalid_argument("unsupported dtype code " + std::to_string(dtype));
+  return dtype;
+}
+
+std::vector<std::string> simd_levels() {
+  const char* names[4];
+  const int n = fastrlhf::supported_simd(names, 4);
+  return std::vector<std::string>(names, names + n);
+}
+
+void set_simd_level(const std::string& name) {
+  if (!fastrlhf::set_simd(name.c_str()))
+    throw std::invalid_argument("SIMD level '" + name + "' is unknown or not supported by this CPU");
+}
+
+void simd_to_f32(uintptr_t src, int dtype, uintptr_t dst, int64_t n) {
+  const auto fn = fastrlhf::active_kernels().to_f32[checked_dtype(dtype)];
+  py::gil_scoped_release no_gil;
+  fn(ptr<const void>(src), ptr<float>(dst), n);
+}
+
+void simd_from_f32(uintptr_t src, uintptr_t dst, int dtype, int64_t n) {
+  const auto fn = fastrlhf::active_kernels().from_f32[checked_dtype(dtype)];
+  py::gil_scoped_release no_gil;
+  fn(ptr<const float>(src), ptr<void>(dst), n);
+}
+
+void simd_exp(uintptr_t src, uintptr_t dst, int64_t n) {
+  const auto fn = fastrlhf::active_kernels().exp;
+  py::gil_scoped_release no_gil;
+  fn(ptr<const float>(src), ptr<float>(dst), n);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -64,4 +108,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stride_t"), py::arg("labels"), py::arg("label_bytes"), py::arg("ignore_index"), py::arg("lse"),
         py::arg("ent"), py::arg("dlogp"), py::arg("dent"), py::arg("inv_temp"), py::arg("out"),
         py::arg("out_stride_b"), py::arg("out_stride_t"), py::arg("num_threads"));
+  m.def("simd_level", []() { return std::string(fastrlhf::active_kernels().name); },
+        "the kernel table the row passes use now: 'avx512', 'avx2' or 'portable'");
+  m.def("simd_levels", &simd_levels, "the kernel tables this CPU can run, widest first");
+  m.def("set_simd_level", &set_simd_level, "switch the kernel table (tests, benchmarks); not thread-safe "
+        "against row passes running at the same time", py::arg("name"));
+  m.def("simd_to_f32", &simd_to_f32, "dst[n] fp32 = the row passes' load of src[n] (dtype code)", py::arg("src"),
+        py::arg("dtype"), py::arg("dst"), py::arg("n"));
+  m.def("simd_from_f32", &simd_from_f32, "dst[n] (dtype code) = the gradient store of fp32 src[n]", py::arg("src"),
+        py::arg("dst"), py::arg("dtype"), py::arg("n"));
+  m.def("simd_exp", &simd_exp, "dst[n] = the row passes' exp of fp32 src[n]", py::arg("src"), py::arg("dst"),
+        py::arg("n"));
 }

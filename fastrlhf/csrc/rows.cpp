@@ -1,26 +1,30 @@
-// Row kernels of the native CPU backend; the math and layout are documented in rows.h.
+// Threading, labels and dispatch of the native row passes; the math and layout are
+// documented in rows.h, the per-row kernels (AVX-512 / AVX2 / portable) in
+// row_kernels.inl and simd.h.
 //
-// Forward, per row: one streaming pass with an online logsumexp over blocks of kBlock
-// entries. Each block is loaded once (converted to fp32 and scaled by inv_temp into a
-// stack buffer), its max found, and the running sums rescaled once per block, so every
-// element costs exactly one exp; while a block's exps are computed from L1, the next block
-// is prefetched, so the forward runs at about the memory read rate (measured 0.45 ns per
-// fp32 logit per core, vs 0.42 ns for torch's x.sum()). Backward, per row: one pass
-// recomputing p = exp(x - lse) from the saved lse and writing the gradient in the logits'
-// dtype.
-// Rows are spread over OpenMP threads; the inner loops are `omp simd` loops the compiler
-// vectorizes (fast_exp and the dtype conversions inline to selects and integer ops).
+// Forward, per row: one streaming pass with a blockwise online logsumexp (one exp per
+// element, the next block prefetched while the current one's exps run). Backward, per row:
+// one pass recomputing p = exp(x - lse) from the saved lse and writing the gradient in the
+// logits' dtype. Rows are spread over OpenMP threads; a row is always processed by one call
+// of one kernel, so its bits never depend on the thread count or on the other rows.
 #include "rows.h"
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
-#include <limits>
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
+#include "simd.h"
+
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#define FASTRLHF_X86_DISPATCH 1
 #endif
 
 #if defined(__linux__)
@@ -31,37 +35,8 @@
 namespace fastrlhf {
 namespace {
 
-// 2048 fp32 = 8 KiB: the block buffer stays in L1 between the max pass and the exp pass.
-constexpr int64_t kBlock = 2048;
-// The exp pass runs in sub-blocks of kSub entries, each issuing the prefetches for the same
-// share of the next block.
-constexpr int64_t kSub = 256;
 // Below this many logits a parallel region costs more than it saves.
 constexpr int64_t kMinParallelElems = 1 << 15;
-
-struct F32 {
-  using T = float;
-  static FASTRLHF_INLINE float load(T v) { return v; }
-  static FASTRLHF_INLINE T store(float v) { return v; }
-};
-struct BF16 {
-  using T = uint16_t;
-  static FASTRLHF_INLINE float load(T v) { return bf16_to_f32(v); }
-  static FASTRLHF_INLINE T store(float v) { return f32_to_bf16(v); }
-};
-struct F16 {
-  using T = uint16_t;
-  static FASTRLHF_INLINE float load(T v) { return f16_to_f32(v); }
-  static FASTRLHF_INLINE T store(float v) { return f32_to_f16(v); }
-};
-
-FASTRLHF_INLINE void prefetch(const char* p) {
-#if defined(__GNUC__)
-  __builtin_prefetch(p, 0, 3);
-#else
-  (void)p;
-#endif
-}
 
 int resolve_threads(int num_threads, int64_t elems) {
 #ifdef _OPENMP
@@ -130,92 +105,98 @@ void record_bad(std::atomic<int64_t>* first_bad, int64_t n) {
                               std::to_string(lab.ignore_index));
 }
 
-struct RowStats {
-  float lse;
-  float ent;
+// ---------------------------------------------------------------------------------------
+// Dispatch: the widest kernel table this CPU and OS support, read once from cpuid/xgetbv
+// (works for any compiler flags, so the wheel needs no -march). FASTRLHF_NATIVE_SIMD
+// (avx512, avx2, portable) caps it, e.g. to compare against the portable kernels.
+// ---------------------------------------------------------------------------------------
+
+struct CpuFeatures {
+  bool avx2_fma_f16c = false;
+  bool avx512f = false;
 };
 
-// Online logsumexp (Milakov & Gimelshein 2018, "Online normalizer calculation for softmax"),
-// blockwise. Invariant after each block, with m the max so far:
-//   s = sum exp(x_i - m),  w = sum exp(x_i - m) * (x_i - m)
-// A new max m' rescales by a = exp(m - m'):  s' = a * s,  w' = a * (w + (m - m') * s).
-// Then lse = m + log(s) and ent = -sum p log p = log(s) - w / s. Keeping w relative to m
-// avoids the cancellation of lse - sum(p * x) when the logits are large.
-template <class D, bool kEntropy>
-RowStats row_stats(const typename D::T* row, int64_t V, float inv_temp, float* buf) {
-  const float kNegInf = -std::numeric_limits<float>::infinity();
-  float m = kNegInf, s = 0.0f, w = 0.0f;
-  bool saw_nan = false;  // elsewhere a NaN reaches exp() and poisons s, as in torch
-  for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
-    const int64_t L = std::min(kBlock, V - v0);
-    const typename D::T* src = row + v0;
-    float bm = kNegInf;
-#pragma omp simd reduction(max : bm)
-    for (int64_t i = 0; i < L; ++i) {
-      const float x = D::load(src[i]) * inv_temp;
-      buf[i] = x;
-      bm = x > bm ? x : bm;
-    }
-    if (!(bm > kNegInf)) {  // every entry -inf (exp() is 0) or NaN, which the max skips
-      for (int64_t i = 0; i < L; ++i) saw_nan |= buf[i] != buf[i];
-      continue;
-    }
-    const float mn = m > bm ? m : bm;
-    // The exp pass works from the L1 buffer; meanwhile prefetch the next block of the row so
-    // that memory keeps streaming instead of idling while the exps are computed.
-    const char* next = reinterpret_cast<const char*>(src + L);
-    const int64_t next_bytes = std::min(kBlock, V - v0 - L) * static_cast<int64_t>(sizeof(typename D::T));
-    const int64_t bytes_per_sub = kSub * static_cast<int64_t>(sizeof(typename D::T));
-    float bs = 0.0f, bw = 0.0f;
-    for (int64_t j0 = 0; j0 < L; j0 += kSub) {
-      const int64_t j1 = std::min(j0 + kSub, L);
-      const int64_t p0 = (j0 / kSub) * bytes_per_sub;
-      const int64_t p1 = std::min(p0 + bytes_per_sub, next_bytes);
-      for (int64_t off = p0; off < p1; off += 64) prefetch(next + off);
-      if (kEntropy) {
-#pragma omp simd reduction(+ : bs, bw)
-        for (int64_t i = j0; i < j1; ++i) {
-          const float d = buf[i] - mn;
-          const float e = fast_exp(d);
-          bs += e;
-          bw += e > 0.0f ? e * d : 0.0f;  // e = 0 at d = -inf: 0 * -inf would be NaN
-        }
-      } else {
-#pragma omp simd reduction(+ : bs)
-        for (int64_t i = j0; i < j1; ++i) bs += fast_exp(buf[i] - mn);
-      }
-    }
-    if (s > 0.0f) {
-      const float dm = m - mn;  // <= 0
-      const float a = std::exp(dm);
-      w = a * (w + dm * s);
-      s = a * s;
-    }
-    s += bs;
-    w += bw;
-    m = mn;
-  }
-  if (saw_nan) {
-    const float nan = std::numeric_limits<float>::quiet_NaN();
-    return {nan, nan};
-  }
-  const float log_s = std::log(s);  // s >= 1 unless every logit is -inf (then lse = -inf)
-  return {m + log_s, kEntropy ? log_s - w / s : 0.0f};
+CpuFeatures detect_cpu() {
+  CpuFeatures f;
+#ifdef FASTRLHF_X86_DISPATCH
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  const bool fma = (c >> 12) & 1, osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, f16c = (c >> 29) & 1;
+  if (!(osxsave && avx)) return f;
+  unsigned xcr0_lo, xcr0_hi;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  const bool ymm_state = (xcr0_lo & 0x6u) == 0x6u;     // SSE and AVX register state saved by the OS
+  const bool zmm_state = (xcr0_lo & 0xE0u) == 0xE0u;   // opmask, ZMM0-15 upper halves, ZMM16-31
+  if (__get_cpuid_max(0, nullptr) < 7) return f;
+  __cpuid_count(7, 0, a, b, c, d);
+  const bool avx2 = (b >> 5) & 1, avx512f = (b >> 16) & 1;
+  f.avx2_fma_f16c = ymm_state && avx2 && fma && f16c;
+  f.avx512f = f.avx2_fma_f16c && zmm_state && avx512f;
+#endif
+  return f;
 }
 
-template <class D>
+// Widest first; entries the CPU cannot run (or that were not compiled) are skipped.
+int runnable_tables(const RowKernels** out) {
+  static const CpuFeatures cpu = detect_cpu();
+  int n = 0;
+  if (cpu.avx512f && avx512_kernels() != nullptr) out[n++] = avx512_kernels();
+  if (cpu.avx2_fma_f16c && avx2_kernels() != nullptr) out[n++] = avx2_kernels();
+  out[n++] = portable_kernels();
+  return n;
+}
+
+const RowKernels* find_table(const char* name) {
+  const RowKernels* tables[3];
+  const int n = runnable_tables(tables);
+  for (int i = 0; i < n; ++i) {
+    if (std::strcmp(tables[i]->name, name) == 0) return tables[i];
+  }
+  return nullptr;
+}
+
+const RowKernels* default_table() {
+  const RowKernels* tables[3];
+  const int n = runnable_tables(tables);
+  const char* cap = std::getenv("FASTRLHF_NATIVE_SIMD");
+  if (cap != nullptr && *cap != '\0') {
+    for (int i = 0; i < n; ++i) {
+      if (std::strcmp(tables[i]->name, cap) == 0) return tables[i];
+    }
+    // an unknown or unsupported name: fall back to the widest, as without the variable
+  }
+  return tables[0];
+}
+
+std::atomic<const RowKernels*>& active_table() {
+  static std::atomic<const RowKernels*> table{default_table()};
+  return table;
+}
+
+int64_t element_bytes(int dtype) { return dtype == kFloat32 ? 4 : 2; }
+
+// One logit as fp32 (the label's, for logp).
+float load_one(int dtype, const char* row, int64_t i) {
+  if (dtype == kFloat32) return reinterpret_cast<const float*>(row)[i];
+  const uint16_t h = reinterpret_cast<const uint16_t*>(row)[i];
+  return dtype == kBFloat16 ? bf16_to_f32(h) : f16_to_f32(h);
+}
+
 void forward_impl(const RowsIn& x, const Labels& lab, float inv_temp, float* logp, float* ent, float* lse,
                   int num_threads) {
-  using T = typename D::T;
-  const int64_t B = x.B, T_ = x.T, V = x.V, N = B * T_;
-  const T* base = static_cast<const T*>(x.data);
+  const int64_t T_ = x.T, V = x.V, N = x.B * T_;
+  const int64_t esize = element_bytes(x.dtype);
+  const char* base = static_cast<const char*>(x.data);
+  const RowKernels& k = active_kernels();
+  const StatsFn stats_lse = k.stats[x.dtype][0];
+  const StatsFn stats_ent = k.stats[x.dtype][1];
   [[maybe_unused]] const int nt = resolve_threads(num_threads, N * V);
   [[maybe_unused]] const int64_t chunk = rows_per_chunk(V);
   std::atomic<int64_t> first_bad{N};
 
 #pragma omp parallel num_threads(nt)
   {
-    alignas(64) float buf[kBlock];
+    alignas(64) float buf[kBufFloats];
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t n = 0; n < N; ++n) {
       bool ignored, bad;
@@ -224,82 +205,54 @@ void forward_impl(const RowsIn& x, const Labels& lab, float inv_temp, float* log
         record_bad(&first_bad, n);
         continue;
       }
-      const T* row = base + (n / T_) * x.stride_b + (n % T_) * x.stride_t;
+      const char* row = base + ((n / T_) * x.stride_b + (n % T_) * x.stride_t) * esize;
       // lse is defined on every row (the _rows.py spec); entropy is skipped where it is 0 anyway.
-      const RowStats rs = (ent != nullptr && !ignored) ? row_stats<D, true>(row, V, inv_temp, buf)
-                                                       : row_stats<D, false>(row, V, inv_temp, buf);
+      const RowStats rs = (ent != nullptr && !ignored) ? stats_ent(row, V, inv_temp, buf)
+                                                       : stats_lse(row, V, inv_temp, buf);
       lse[n] = rs.lse;
-      if (logp != nullptr) logp[n] = ignored ? 0.0f : D::load(row[label]) * inv_temp - rs.lse;
+      if (logp != nullptr) logp[n] = ignored ? 0.0f : load_one(x.dtype, row, label) * inv_temp - rs.lse;
       if (ent != nullptr) ent[n] = ignored ? 0.0f : rs.ent;
     }
   }
   if (first_bad.load() < N) throw_bad_label(lab, first_bad.load(), V);
 }
 
-template <class D, bool kLogp, bool kEntropy>
-FASTRLHF_INLINE void grad_row(const typename D::T* row, typename D::T* out, int64_t V, int64_t label, float inv_temp,
-                              float lse, float E, float dl, float de) {
-  // Read the label's logit before the row is overwritten (out may alias row).
-  const float x_label = kLogp ? D::load(row[label]) * inv_temp : 0.0f;
-#pragma omp simd
-  for (int64_t i = 0; i < V; ++i) {
-    const float xv = D::load(row[i]) * inv_temp;
-    const float p = fast_exp(xv - lse);
-    float g = 0.0f;
-    if (kLogp) g -= dl * p;
-    if (kEntropy) g -= de * (p > 0.0f ? p * (xv - E) : 0.0f);  // p = 0 at x = -inf: avoid 0 * -inf
-    out[i] = D::store(g * inv_temp);
-  }
-  if (kLogp) {
-    const float p = fast_exp(x_label - lse);
-    float g = dl - dl * p;
-    if (kEntropy) g -= de * (p > 0.0f ? p * (x_label - E) : 0.0f);
-    out[label] = D::store(g * inv_temp);
-  }
-}
-
-template <class D>
 void backward_impl(const RowsIn& x, const Labels& lab, const float* lse, const float* ent, const float* dlogp,
                    const float* dent, float inv_temp, void* out_data, int64_t osb, int64_t ost, int num_threads) {
-  using T = typename D::T;
   const int64_t B = x.B, T_ = x.T, V = x.V, N = B * T_;
-  const T* base = static_cast<const T*>(x.data);
-  T* obase = static_cast<T*>(out_data);
+  const int64_t esize = element_bytes(x.dtype);
+  const char* base = static_cast<const char*>(x.data);
+  char* obase = static_cast<char*>(out_data);
+  const bool has_logp = dlogp != nullptr;
+  const bool has_ent = dent != nullptr;
+  const GradFn grad = has_logp && has_ent ? active_kernels().grad[x.dtype][kGradBoth]
+                      : has_logp          ? active_kernels().grad[x.dtype][kGradLogp]
+                                          : active_kernels().grad[x.dtype][kGradEntropy];
   [[maybe_unused]] const int nt = resolve_threads(num_threads, N * V);
   [[maybe_unused]] const int64_t chunk = rows_per_chunk(V);
   std::atomic<int64_t> first_bad{N};
-  const bool has_logp = dlogp != nullptr;
-  const bool has_ent = dent != nullptr;
   if (N > 0 && out_data != x.data) {
     // Extent of the gradient's rows in memory (non-negative strides, as torch views have).
     const int64_t extent = (B - 1) * osb + (T_ - 1) * ost + V;
-    advise_huge_pages(out_data, extent * static_cast<int64_t>(sizeof(T)));
+    advise_huge_pages(out_data, extent * esize);
   }
 
 #pragma omp parallel for num_threads(nt) schedule(dynamic, chunk)
   for (int64_t n = 0; n < N; ++n) {
     const int64_t b = n / T_, t = n % T_;
-    T* out = obase + b * osb + t * ost;
+    char* out = obase + (b * osb + t * ost) * esize;
     bool ignored, bad;
     const int64_t label = read_label(lab, n, &ignored, &bad, V);
     if (bad) record_bad(&first_bad, n);
-    if (ignored || bad) {
-      std::fill(out, out + V, D::store(0.0f));
+    if (ignored || bad || !(has_logp || has_ent)) {
+      std::memset(out, 0, static_cast<size_t>(V * esize));  // +0 in every dtype
       continue;
     }
-    const T* row = base + b * x.stride_b + t * x.stride_t;
+    const char* row = base + (b * x.stride_b + t * x.stride_t) * esize;
     const float dl = has_logp ? dlogp[n] : 0.0f;
     const float de = has_ent ? dent[n] : 0.0f;
     const float E = has_ent ? lse[n] - ent[n] : 0.0f;  // E = sum(p * x)
-    if (has_logp && has_ent) {
-      grad_row<D, true, true>(row, out, V, label, inv_temp, lse[n], E, dl, de);
-    } else if (has_logp) {
-      grad_row<D, true, false>(row, out, V, label, inv_temp, lse[n], E, dl, de);
-    } else if (has_ent) {
-      grad_row<D, false, true>(row, out, V, label, inv_temp, lse[n], E, dl, de);
-    } else {
-      std::fill(out, out + V, D::store(0.0f));
-    }
+    grad(row, out, V, has_logp ? label : -1, inv_temp, lse[n], E, dl, de);
   }
   if (first_bad.load() < N) throw_bad_label(lab, first_bad.load(), V);
 }
@@ -319,16 +272,9 @@ void row_forward(const RowsIn& x, const Labels& labels, float inv_temp, float* l
   check_common(x, labels);
   if (lse == nullptr) throw std::invalid_argument("lse output pointer is null");
   if (logp != nullptr && labels.data == nullptr) throw std::invalid_argument("logp output requires labels");
-  switch (x.dtype) {
-    case kFloat32:
-      return forward_impl<F32>(x, labels, inv_temp, logp, ent, lse, num_threads);
-    case kBFloat16:
-      return forward_impl<BF16>(x, labels, inv_temp, logp, ent, lse, num_threads);
-    case kFloat16:
-      return forward_impl<F16>(x, labels, inv_temp, logp, ent, lse, num_threads);
-    default:
-      throw std::invalid_argument("unsupported logits dtype code " + std::to_string(x.dtype));
-  }
+  if (x.dtype != kFloat32 && x.dtype != kBFloat16 && x.dtype != kFloat16)
+    throw std::invalid_argument("unsupported logits dtype code " + std::to_string(x.dtype));
+  forward_impl(x, labels, inv_temp, logp, ent, lse, num_threads);
 }
 
 void row_backward(const RowsIn& x, const Labels& labels, const float* lse, const float* ent, const float* dlogp,
@@ -339,19 +285,26 @@ void row_backward(const RowsIn& x, const Labels& labels, const float* lse, const
   if (lse == nullptr) throw std::invalid_argument("lse pointer is null");
   if (dlogp != nullptr && labels.data == nullptr) throw std::invalid_argument("dlogp requires labels");
   if (dent != nullptr && ent == nullptr) throw std::invalid_argument("dent requires the saved entropy");
-  switch (x.dtype) {
-    case kFloat32:
-      return backward_impl<F32>(x, labels, lse, ent, dlogp, dent, inv_temp, out, out_stride_b, out_stride_t,
-                                num_threads);
-    case kBFloat16:
-      return backward_impl<BF16>(x, labels, lse, ent, dlogp, dent, inv_temp, out, out_stride_b, out_stride_t,
-                                 num_threads);
-    case kFloat16:
-      return backward_impl<F16>(x, labels, lse, ent, dlogp, dent, inv_temp, out, out_stride_b, out_stride_t,
-                                num_threads);
-    default:
-      throw std::invalid_argument("unsupported logits dtype code " + std::to_string(x.dtype));
-  }
+  if (x.dtype != kFloat32 && x.dtype != kBFloat16 && x.dtype != kFloat16)
+    throw std::invalid_argument("unsupported logits dtype code " + std::to_string(x.dtype));
+  backward_impl(x, labels, lse, ent, dlogp, dent, inv_temp, out, out_stride_b, out_stride_t, num_threads);
+}
+
+const RowKernels& active_kernels() { return *active_table().load(std::memory_order_relaxed); }
+
+bool set_simd(const char* name) {
+  const RowKernels* t = find_table(name);
+  if (t == nullptr) return false;
+  active_table().store(t, std::memory_order_relaxed);
+  return true;
+}
+
+int supported_simd(const char** names, int capacity) {
+  const RowKernels* tables[3];
+  const int n = runnable_tables(tables);
+  int written = 0;
+  for (int i = 0; i < n && written < capacity; ++i) names[written++] = tables[i]->name;
+  return written;
 }
 
 }  // namespace fastrlhf

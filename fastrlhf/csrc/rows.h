@@ -49,8 +49,9 @@ void row_backward(const RowsIn& x, const Labels& labels, const float* lse, const
                   int num_threads);
 
 // ---------------------------------------------------------------------------------------
-// Scalar helpers written so that GCC/Clang vectorize the loops that inline them
-// (no calls, no branches: selects and integer bit tricks only).
+// Scalar dtype conversions: the portable kernels, row tails and single elements (the label
+// logit) use them; the AVX2 / AVX-512 kernels produce the same bits with vector instructions
+// (tests/test_native_simd.py checks every fp16 and bf16 value against torch).
 // ---------------------------------------------------------------------------------------
 
 #if defined(__GNUC__)
@@ -69,34 +70,6 @@ FASTRLHF_INLINE float bits_f32(uint32_t u) {
   float f;
   std::memcpy(&f, &u, 4);
   return f;
-}
-
-// exp(x) for the x <= 0 this backend feeds it (x - running max, x - lse); Cephes expf
-// (S. Moshier, cephes/single/expf.c): x = n ln2 + r with |r| <= ln2 / 2, degree-5 minimax
-// polynomial for exp(r), 2^n built in the exponent bits. About 1 ulp; libm's expf is a call
-// the compiler cannot vectorize. Results below FLT_MIN (x < ln FLT_MIN) flush to 0, which
-// also maps x = -inf to exactly 0; NaN stays NaN.
-FASTRLHF_INLINE float fast_exp(float x) {
-  const float kLnFltMin = -87.33654475f;  // ln(2^-126)
-  const float kHi = 88.0f;                // keeps 2^n finite for the (unused) x > 0 side
-  const float kRound = 12582912.0f;       // 1.5 * 2^23: adding it rounds to an integer in the low bits
-  float xc = x < kLnFltMin ? kLnFltMin : x;
-  xc = xc > kHi ? kHi : xc;
-  float t = xc * 1.44269504088896341f + kRound;  // n = round(x / ln2) sits in t's mantissa
-  float n = t - kRound;
-  float r = xc - n * 0.693359375f;  // ln2 split in two (Cody-Waite) so that n * C1 is exact
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  float y = p * (r * r) + r + 1.0f;
-  int32_t ni = static_cast<int32_t>(f32_bits(t) - f32_bits(kRound));  // n as an integer
-  float scale = bits_f32(static_cast<uint32_t>(ni + 127) << 23);       // 2^n, n in [-126, 127]
-  float e = y * scale;
-  return x < kLnFltMin ? 0.0f : e;
 }
 
 // bf16 is the top half of an fp32.

@@ -1,0 +1,124 @@
+// Portable row kernels: the 16 lanes are a plain float array, for CPUs and compilers
+// without the x86 kernels (aarch64, ppc64le, x86-64 before AVX2). The compiler may
+// vectorize the lane loops for the build target (SSE2 at least on x86-64, NEON on
+// aarch64) but nothing depends on it. Where fmaf is a hardware instruction (FP_FAST_FMAF,
+// e.g. aarch64) fmadd is fused and the bits match the AVX2 / AVX-512 kernels; elsewhere the
+// multiply and the add round separately (a last-bit difference, well inside the tolerances).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "rows.h"
+#include "simd.h"
+
+#if defined(__GNUC__)
+#define FASTRLHF_VEC __attribute__((always_inline)) inline
+#define FASTRLHF_KERNEL __attribute__((noinline))
+#else
+#define FASTRLHF_VEC inline
+#define FASTRLHF_KERNEL
+#endif
+
+namespace fastrlhf {
+namespace simd_portable {
+
+struct Isa {
+  static constexpr const char* kName = "portable";
+  struct V {
+    float v[kLanes];
+  };
+  struct M {
+    bool m[kLanes];
+  };
+
+  FASTRLHF_VEC static V set1(float x) {
+    V r;
+    for (int k = 0; k < kLanes; ++k) r.v[k] = x;
+    return r;
+  }
+  FASTRLHF_VEC static V zero() { return set1(0.0f); }
+  FASTRLHF_VEC static V loadu(const float* p) {
+    V r;
+    std::memcpy(r.v, p, sizeof(r.v));
+    return r;
+  }
+  FASTRLHF_VEC static void storeu(float* p, V v) { std::memcpy(p, v.v, sizeof(v.v)); }
+  FASTRLHF_VEC static V load_bf16(const uint16_t* p) {
+    V r;
+    for (int k = 0; k < kLanes; ++k) r.v[k] = bf16_to_f32(p[k]);
+    return r;
+  }
+  FASTRLHF_VEC static V load_f16(const uint16_t* p) {
+    V r;
+    for (int k = 0; k < kLanes; ++k) r.v[k] = f16_to_f32(p[k]);
+    return r;
+  }
+  FASTRLHF_VEC static void store_bf16(uint16_t* p, V v) {
+    for (int k = 0; k < kLanes; ++k) p[k] = f32_to_bf16(v.v[k]);
+  }
+  FASTRLHF_VEC static void store_f16(uint16_t* p, V v) {
+    for (int k = 0; k < kLanes; ++k) p[k] = f32_to_f16(v.v[k]);
+  }
+
+  FASTRLHF_VEC static float fma1(float a, float b, float c) {
+#ifdef FP_FAST_FMAF
+    return std::fmaf(a, b, c);
+#else
+    return a * b + c;  // -ffp-contract=off (setup.py): two roundings, deterministic
+#endif
+  }
+
+#define FASTRLHF_LANEWISE(expr) \
+  V r;                          \
+  for (int k = 0; k < kLanes; ++k) r.v[k] = (expr);  \
+  return r
+  FASTRLHF_VEC static V add(V a, V b) { FASTRLHF_LANEWISE(a.v[k] + b.v[k]); }
+  FASTRLHF_VEC static V sub(V a, V b) { FASTRLHF_LANEWISE(a.v[k] - b.v[k]); }
+  FASTRLHF_VEC static V mul(V a, V b) { FASTRLHF_LANEWISE(a.v[k] * b.v[k]); }
+  FASTRLHF_VEC static V fmadd(V a, V b, V c) { FASTRLHF_LANEWISE(fma1(a.v[k], b.v[k], c.v[k])); }
+  FASTRLHF_VEC static V fnmadd(V a, V b, V c) { FASTRLHF_LANEWISE(fma1(-a.v[k], b.v[k], c.v[k])); }
+  FASTRLHF_VEC static V max(V a, V b) { FASTRLHF_LANEWISE(a.v[k] > b.v[k] ? a.v[k] : b.v[k]); }
+  FASTRLHF_VEC static V min(V a, V b) { FASTRLHF_LANEWISE(a.v[k] < b.v[k] ? a.v[k] : b.v[k]); }
+  FASTRLHF_VEC static V keep(M m, V a) { FASTRLHF_LANEWISE(m.m[k] ? a.v[k] : 0.0f); }
+  FASTRLHF_VEC static V select(M m, V a, V b) { FASTRLHF_LANEWISE(m.m[k] ? a.v[k] : b.v[k]); }
+  FASTRLHF_VEC static V pow2_of_rounded(V t) {
+    FASTRLHF_LANEWISE(bits_f32((f32_bits(t.v[k]) + static_cast<uint32_t>(127 - 0x4B400000)) << 23));
+  }
+#undef FASTRLHF_LANEWISE
+  FASTRLHF_VEC static M gt(V a, V b) {
+    M r;
+    for (int k = 0; k < kLanes; ++k) r.m[k] = a.v[k] > b.v[k];
+    return r;
+  }
+  FASTRLHF_VEC static M lt(V a, V b) {
+    M r;
+    for (int k = 0; k < kLanes; ++k) r.m[k] = a.v[k] < b.v[k];
+    return r;
+  }
+
+  FASTRLHF_VEC static float hsum(V v) {
+    float t[8];
+    for (int k = 0; k < 8; ++k) t[k] = v.v[k] + v.v[k + 8];
+    for (int k = 0; k < 4; ++k) t[k] = t[k] + t[k + 4];
+    for (int k = 0; k < 2; ++k) t[k] = t[k] + t[k + 2];
+    return t[0] + t[1];
+  }
+  FASTRLHF_VEC static float hmax(V v) {
+    float t[8];
+    for (int k = 0; k < 8; ++k) t[k] = std::max(v.v[k], v.v[k + 8]);
+    for (int k = 0; k < 4; ++k) t[k] = std::max(t[k], t[k + 4]);
+    for (int k = 0; k < 2; ++k) t[k] = std::max(t[k], t[k + 2]);
+    return std::max(t[0], t[1]);
+  }
+  FASTRLHF_VEC static float first(V v) { return v.v[0]; }
+};
+
+#include "row_kernels.inl"
+
+}  // namespace simd_portable
+
+const RowKernels* portable_kernels() { return simd_portable::table(); }
+
+}  // namespace fastrlhf
