@@ -159,13 +159,10 @@ def _fr_logprobs_bwd(f: Fake, entropy: bool):
 
 
 def _fr_ppo_fused(f: Fake, grpo: bool):
-    x3 = f.logits3()
-    _launcher(["ppo", "losses"], ["launch_ppo_fused", "ppo_fused_forward"])(
-        x3, f.labels(), f.row(), f.row(), f.row(), f.row(), f.torch.empty_like(x3),
-        inv_temp=1.0, ignore_index=-100, clip_low=0.2, clip_high=0.2 if grpo else 0.28,
-        dual_clip=None if grpo else 3.0, kl_coef=0.04 if grpo else 0.0, kl_estimator="k3",
-        entropy_coef=0.0 if grpo else 0.01, want_entropy=not grpo,
-    )
+    # PPO / GRPO on logits = the row forward (logp; + entropy for an entropy bonus), the [N]-sized
+    # per-token math in torch, then one gradient pass in backward with (dlogp, dentropy) per token.
+    _fr_logprobs_fwd(f, entropy=not grpo)
+    _fr_logprobs_bwd(f, entropy=not grpo)
 
 
 def _fr_gae(f: Fake):
