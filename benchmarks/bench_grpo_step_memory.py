@@ -37,19 +37,13 @@ import json, math, sys, time
 import torch
 import fastrlhf
 from fastrlhf import reference
+from fastrlhf._memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 from fastrlhf.algos import tiny_causal_lm
 from fastrlhf.algos.common import forward_hidden, output_head
 
 mode = sys.argv[1]
 V, B, P, R, H = (int(x) for x in sys.argv[2:7])
 torch.manual_seed(0)
-
-def status(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(key)
 
 model = tiny_causal_lm(V, hidden_size=H, num_layers=2, num_heads=4, max_positions=P + R, device="cpu")
 opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -81,13 +75,13 @@ def step(ids, attn, labels, old, ref, adv):
 
 step(*batch(1))  # creates AdamW's state before the mark
 inputs = batch(B)
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # reset VmHWM to the current RSS
-before = status("VmRSS")
+if not reset_peak_rss():
+    raise SystemExit("needs /proc/self/clear_refs (Linux >= 4.0)")
+before = rss_bytes()
 t0 = time.perf_counter()
 loss = step(*inputs)
 dt = time.perf_counter() - t0
-peak = status("VmHWM")
+peak = peak_rss_bytes()
 print(json.dumps({"mode": mode, "step_peak_mib": (peak - before) / 2**20, "rss_before_mib": before / 2**20,
                   "step_s": dt, "loss": loss}))
 """

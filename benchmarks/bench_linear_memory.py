@@ -31,16 +31,10 @@ CHILD = r"""
 import json, sys, time
 import torch
 import fastrlhf
+from fastrlhf._memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 from fastrlhf.linear import default_chunk_size
 
 mode, N, H, V, backend = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-
-def status(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(key)
 
 def step(hidden, weight, labels, old, adv):
     if mode == "linear":
@@ -62,16 +56,12 @@ def inputs(N, H, V):
 
 step(*inputs(64, 16, 512))  # warm-up: lazy init of kernels / thread pools is not the step's cost
 args = inputs(N, H, V)
-try:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak-RSS mark to the current RSS
-except OSError:
-    pass
-before = status("VmRSS")
+reset_peak_rss()  # without it (old kernels), the peak after setup
+before = rss_bytes()
 t0 = time.perf_counter()
 step(*args)
 seconds = time.perf_counter() - t0
-peak = status("VmHWM")
+peak = peak_rss_bytes()
 print(json.dumps({"mode": mode, "growth_bytes": peak - before, "seconds": seconds,
                   "chunk": default_chunk_size(N, V, torch.float32, "cpu")}))
 """

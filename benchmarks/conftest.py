@@ -5,7 +5,8 @@ work); on CUDA a Qwen2.5-7B-sized micro-batch (16 x 1024 tokens, V = 151936, H =
 
 Each benchmark reuses the case builders of ``fastrlhf.bench`` (the same inputs and callables
 as ``fastrlhf bench``), first checks the implementation's output against the plain PyTorch
-composition (``fastrlhf.reference``) on the same inputs, then times one forward (+ backward).
+composition (``fastrlhf.bench.baselines``, itself checked against ``fastrlhf.reference`` in
+``tests/test_bench_baselines.py``) on the same inputs, then times one forward (+ backward).
 
 The CPU cases take about 20 s on 2 cores (fit for CI); ``@pytest.mark.gpu`` cases skip
 without CUDA. An implementation that is

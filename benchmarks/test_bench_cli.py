@@ -13,25 +13,25 @@ from fastrlhf import bench
 
 def test_cli_end_to_end(benchmark, tmp_path, capsys):
     out = tmp_path / "results"
-    argv = ["logprobs-fwdbwd", "ppo", "--mode", "cpu", "--n", "64,128", "--v", "4096",
+    argv = ["logprobs-fwdbwd", "grpo", "--mode", "cpu", "--n", "64,128", "--v", "4096",
             "--impl", "fastrlhf,fastrlhf[inplace],torch,liger,flash-attn", "--min-time", "0.01",
             "--out", str(out)]
     rc = benchmark.pedantic(bench.main, args=(argv,), rounds=1, iterations=1)
     assert rc == 0
     table = capsys.readouterr().out
-    assert "## ppo" in table and "## logprobs-fwdbwd" in table and "speedup" in table
+    assert "## grpo" in table and "## logprobs-fwdbwd" in table and "speedup" in table
 
     data = json.loads((out / "results.json").read_text())
     meta, rows = data["meta"], data["results"]
-    assert meta["command"].startswith("fastrlhf bench logprobs-fwdbwd ppo")
+    assert meta["command"].startswith("fastrlhf bench logprobs-fwdbwd grpo")
     assert meta["versions"]["torch"] and meta["timestamp"] and meta["peak_bandwidth_gbps"] > 0
-    # 2 shapes x (5 implementations of logprobs-fwdbwd + 4 of ppo, which flash-attn lacks): none dropped
+    # 2 shapes x (5 implementations of logprobs-fwdbwd + 4 of grpo, which flash-attn lacks): none dropped
     assert len(rows) == 2 * (5 + 4)
     with open(out / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
 
     by = {(r["op"], r["N"], r["impl"]): r for r in rows}
-    for op in ("logprobs-fwdbwd", "ppo"):
+    for op in ("logprobs-fwdbwd", "grpo"):
         for n in (64, 128):
             for impl in ("fastrlhf", "fastrlhf[inplace]", "torch"):
                 r = by[(op, n, impl)]
@@ -53,5 +53,5 @@ def test_cli_end_to_end(benchmark, tmp_path, capsys):
     assert {r["baseline"] for r in ratios} == {"torch"}
     assert all(r["speedup"] > 0 for r in ratios)
     if importlib.util.find_spec("matplotlib") is not None:  # plots are optional (the bench extra)
-        assert (out / "ppo_V4096.png").stat().st_size > 0
+        assert (out / "grpo_V4096.png").stat().st_size > 0
         assert (out / "logprobs-fwdbwd_V4096.png").stat().st_size > 0

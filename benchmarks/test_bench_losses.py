@@ -1,7 +1,7 @@
-"""Policy losses from logits, forward + backward: GRPO-configured PPO-clip and DPO.
+"""Policy losses from logits, forward + backward: ppo_clip_loss, grpo_loss and dpo_loss.
 
-PPO: fastrlhf's fused loss against the torch composition, TRL's ``selective_log_softmax`` with
-the loss math on top, and (CUDA) Liger's ``triton_grpo_loss`` and torch.compile.
+fastrlhf's fused losses against the torch composition, TRL's ``selective_log_softmax`` with its
+trainers' loss math on top, and (CUDA) torch.compile and, for GRPO, Liger's ``triton_grpo_loss``.
 """
 
 import pytest
@@ -12,11 +12,11 @@ from fastrlhf import bench
 CPU_LOGITS = bench.Shape(B=2, T=32, V=4096)
 GPU_LOGITS = bench.Shape(B=16, T=1024, V=151936)
 
-CPU_CASES = [(op, impl) for op in ("ppo", "dpo")
+CPU_CASES = [(op, impl) for op in ("ppo", "grpo", "dpo")
              for impl in ("fastrlhf", "fastrlhf[torch]", "fastrlhf[inplace]", "torch", "trl")
              if not (op == "dpo" and impl == "fastrlhf[inplace]")]
-GPU_CASES = [("ppo", i) for i in ("fastrlhf", "fastrlhf[inplace]", "torch", "torch.compile", "trl", "liger")] + [
-    ("dpo", i) for i in ("fastrlhf", "torch", "torch.compile", "trl")]
+GPU_CASES = [("grpo", i) for i in ("fastrlhf", "fastrlhf[inplace]", "torch", "torch.compile", "trl", "liger")] + [
+    (op, i) for op in ("ppo", "dpo") for i in ("fastrlhf", "torch", "torch.compile", "trl")]
 
 
 @pytest.mark.parametrize("op,impl", CPU_CASES, ids=[f"{o}-{i}" for o, i in CPU_CASES])

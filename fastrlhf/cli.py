@@ -106,13 +106,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def run_bench(argv: List[str]) -> int:
-    try:
-        from fastrlhf import bench
-    except ImportError as e:
-        print(f"fastrlhf bench: the benchmark module fastrlhf.bench is not available ({e})", file=sys.stderr)
-        return 2
-    rc = bench.main(argv)
-    return int(rc or 0)
+    from fastrlhf import bench
+
+    return int(bench.main(argv) or 0)
 
 
 # ----------------------------------------------------------------------------------------
