@@ -206,6 +206,21 @@ FASTRLHF_VEC V grad16(V raw, const GradScalars& c) {
   return Isa::mul(g, c.inv_temp);
 }
 
+// The label's entry, one-hot term included: inv_temp * (dlogp * (1 - p) - dent * p * (x - E)).
+// A function of its own (not inlined) so that the row kernels hold only the row loop: a
+// compiler may do this single lane with scalar instructions (Clang does).
+template <int kDtype, bool kEntropy>
+FASTRLHF_KERNEL Elem<kDtype> label_grad(float x_label, const GradScalars& c) {
+  const V x = Isa::set1(x_label);
+  const V p = vexp(Isa::sub(x, c.lse));
+  V g = Isa::fnmadd(c.dlogp, p, c.dlogp);
+  if constexpr (kEntropy) {
+    const V q = Isa::keep(Isa::gt(p, Isa::zero()), Isa::mul(p, Isa::sub(x, c.E)));
+    g = Isa::fnmadd(c.dent, q, g);
+  }
+  return store1<kDtype>(Isa::first(Isa::mul(g, c.inv_temp)));
+}
+
 template <int kDtype, int kKind>
 FASTRLHF_KERNEL void grad_row(const void* row_v, void* out_v, int64_t Vn, int64_t label, float inv_temp, float lse,
                               float E, float dl, float de) {
@@ -227,16 +242,7 @@ FASTRLHF_KERNEL void grad_row(const void* row_v, void* out_v, int64_t Vn, int64_
     store16<kDtype>(res, grad16<kLogp, kEntropy>(load16<kDtype>(in), c));
     std::memcpy(out + V16, res, bytes);
   }
-  if constexpr (kLogp) {  // the one-hot term: + inv_temp * dlogp at the label
-    const V x = Isa::set1(x_label);
-    const V p = vexp(Isa::sub(x, c.lse));
-    V g = Isa::fnmadd(c.dlogp, p, c.dlogp);
-    if constexpr (kEntropy) {
-      const V q = Isa::keep(Isa::gt(p, Isa::zero()), Isa::mul(p, Isa::sub(x, c.E)));
-      g = Isa::fnmadd(c.dent, q, g);
-    }
-    out[label] = store1<kDtype>(Isa::first(Isa::mul(g, c.inv_temp)));
-  }
+  if constexpr (kLogp) out[label] = label_grad<kDtype, kEntropy>(x_label, c);
 }
 
 // Flat-array versions of the loads, stores and exp above, for tests.

@@ -36,7 +36,7 @@ namespace fastrlhf {
 namespace {
 
 // Below this many logits a parallel region costs more than it saves.
-constexpr int64_t kMinParallelElems = 1 << 15;
+[[maybe_unused]] constexpr int64_t kMinParallelElems = 1 << 15;
 
 int resolve_threads(int num_threads, int64_t elems) {
 #ifdef _OPENMP
