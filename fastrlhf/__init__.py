@@ -8,7 +8,15 @@ RRHF. Trainers live in ``fastrlhf.algos``, drop-ins for TRL / verl / OpenRLHF in
 """
 
 from ._backend import available_backends
-from .advantages import gae, group_advantages, reinforce_advantages, reinforce_plus_plus_advantages, rloo_advantages
+from .advantages import (
+    estimate_advantages,
+    gae,
+    group_advantages,
+    masked_whiten,
+    reinforce_advantages,
+    reinforce_plus_plus_advantages,
+    rloo_advantages,
+)
 from .dpo import dpo_loss
 from .linear import (
     linear_dpo_loss,
@@ -20,6 +28,7 @@ from .linear import (
 from .logprobs import entropy, token_logprobs, token_logprobs_and_entropy
 from .ppo import grpo_loss, kl_estimate, ppo_clip_loss
 from .ranking_losses import linear_rrhf_loss, pairwise_reward_loss, rrhf_loss
+from .value_loss import clipped_value_loss
 
 __version__ = "0.1.0"
 
@@ -42,6 +51,9 @@ __all__ = [
     "rloo_advantages",
     "reinforce_advantages",
     "reinforce_plus_plus_advantages",
+    "masked_whiten",
+    "estimate_advantages",
+    "clipped_value_loss",
     "pairwise_reward_loss",
     "rrhf_loss",
     "linear_rrhf_loss",

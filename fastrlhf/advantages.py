@@ -321,3 +321,136 @@ def reinforce_plus_plus_advantages(
     var = (((returns - mean) * mf) ** 2).sum() / n
     advantages = torch.where(m, (returns - mean) * torch.rsqrt(var.clamp_min(eps)), torch.zeros_like(returns))
     return advantages, returns
+
+
+# ----------------------------------------------------------------------------------------
+# Whitening and the one estimator dispatch the trainers use (issue 18)
+# ----------------------------------------------------------------------------------------
+
+__all__ += ["masked_whiten", "estimate_advantages", "ADVANTAGE_ESTIMATORS"]
+
+ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce", "reinforce++", "reinforce++-baseline", "gae")
+
+
+def _finite_scalar(value, name: str, low: Optional[float] = None, high: Optional[float] = None,
+                   low_open: bool = False) -> float:
+    """``float(value)``, refused with a ValueError naming ``name`` when non-finite or out of range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(float(value)) < float("inf"):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")  # NaN fails the < too
+    v = float(value)
+    if low is not None and (v <= low if low_open else v < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and v > high:
+        raise ValueError(f"{name} must be <= {high}, got {value!r}")
+    return v
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """``(x - mean) * rsqrt(var + eps)`` over the counted entries of ``x``; 0 on the others.
+
+    ``mean`` and the unbiased ``var`` (divisor ``n - 1``, as TRL's and verl's
+    ``masked_whiten``, ``verl/utils/torch_functional.py`` l. 322) are taken over the ``n``
+    entries where ``mask`` is set, across the whole tensor (PPO whitens the advantages of the
+    whole rollout: CleanRL detail 7). ``shift_mean=False`` adds ``mean`` back (verl): the scale
+    is normalised, the sign of a mostly-positive signal kept. ``n = 1`` gives ``var = 0`` (the
+    single entry becomes 0, or ``mean`` with ``shift_mean=False``); ``n = 0`` gives all zeros.
+
+    Args:
+        x: floating tensor of any shape (differentiable).
+        mask: bool / integer / float 0-1 of the shape of ``x``.
+        shift_mean: subtract the mean (True) or keep it (False).
+        eps: ``> 0``, added to the variance (a constant ``x`` gives 0, not NaN).
+
+    Returns:
+        Tensor of the shape and dtype of ``x``.
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(x.shape):
+        raise ValueError(f"mask must be a tensor of the shape of x {tuple(x.shape)}, "
+                         f"got {getattr(mask, 'shape', type(mask).__name__)}")
+    if mask.device != x.device:
+        raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
+    eps = _finite_scalar(eps, "eps", low=0.0, low_open=True)
+    m = mask.to(x.dtype)
+    n = m.sum().clamp_min(1.0)
+    mean = (x * m).sum() / n
+    var = (((x - mean) * m) ** 2).sum() / (n - 1).clamp_min(1.0)
+    if shift_mean:
+        return (x - mean) * torch.rsqrt(var + eps) * m
+    return ((x - mean) * torch.rsqrt(var + eps) + mean) * m
+
+
+@torch.no_grad()
+def estimate_advantages(
+    estimator: str,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    group_size: Optional[int] = None,
+    values: Optional[torch.Tensor] = None,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+    scale_rewards: str = "group",
+    logprobs: Optional[torch.Tensor] = None,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k1",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token ``(advantages, returns)`` ``[B, T]`` of a named estimator: the one place that maps names to ops.
+
+    ``rewards``: ``[B]`` outcome scores (on each row's last counted token) or ``[B, T]``
+    per-token rewards. With ``kl_coef > 0`` the per-token reward also carries
+    ``-kl_coef * KL(logprobs, ref_logprobs)`` (``kl_estimator``; Ziegler et al. 2019's k1 by
+    default). Samples of one prompt are consecutive groups of ``group_size``.
+
+    ========================  ========================================================================
+    ``"grpo"``                :func:`group_advantages` (``scale=scale_rewards``) on every counted token;
+                              needs ``[B]`` rewards, ``group_size`` and no KL term (GRPO puts its KL in
+                              the loss); returns = the returns-to-go of the raw rewards
+    ``"rloo"``                :func:`rloo_advantages` on the scores, then their returns-to-go (with the
+                              KL penalty): advantages = returns (OpenRLHF's ``rloo``)
+    ``"reinforce"``           :func:`reinforce_advantages` with the batch-mean baseline
+    ``"reinforce++"``         :func:`reinforce_plus_plus_advantages` (global whitening)
+    ``"reinforce++-baseline"`` the same with ``group_size`` (each prompt's mean score subtracted first)
+    ``"gae"``                 :func:`gae` of the per-token rewards with the critic's ``values [B, T]``
+    ========================  ========================================================================
+
+    Every estimator but ``"gae"`` refuses ``values``; uncounted tokens get 0 everywhere.
+    ``gamma`` (all but ``"grpo"``) and ``lam`` (``"gae"``) lie in ``[0, 1]``.
+    """
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ADVANTAGE_ESTIMATORS}, got {estimator!r}")
+    gamma = _finite_scalar(gamma, "gamma", low=0.0, high=1.0)
+    lam = _finite_scalar(lam, "lam", low=0.0, high=1.0)
+    kl_coef = _finite_scalar(kl_coef, "kl_coef", low=0.0)
+    if estimator in ("grpo", "rloo", "reinforce++-baseline") and group_size is None:
+        raise ValueError(f"estimator {estimator!r} needs group_size (samples per prompt)")
+    if (estimator == "gae") != (values is not None):
+        raise ValueError("values [B, T] are needed by estimator 'gae' and by no other"
+                         f" (estimator={estimator!r}, values {'given' if values is not None else 'missing'})")
+    kl = dict(logprobs=logprobs, ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_estimator=kl_estimator)
+    if estimator == "grpo":
+        if kl_coef > 0:
+            raise ValueError("estimator 'grpo' normalises outcome scores and takes no per-token KL "
+                             "penalty (kl_coef must be 0; put the KL in the loss)")
+        if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
+            raise ValueError(f"estimator 'grpo' needs outcome rewards [B], got {getattr(rewards, 'shape', rewards)}")
+        adv = group_advantages(rewards, group_size, scale=scale_rewards)  # [B]
+        returns = reinforce_advantages(rewards, mask, gamma=gamma)[1]  # [B, T], validates mask
+        return torch.where(mask.bool(), adv[:, None].to(returns.dtype), torch.zeros_like(returns)), returns
+    if estimator == "rloo":
+        if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
+            raise ValueError(f"estimator 'rloo' needs outcome rewards [B], got {getattr(rewards, 'shape', rewards)}")
+        return reinforce_advantages(rloo_advantages(rewards, group_size), mask, gamma=gamma, **kl)
+    if estimator == "reinforce":
+        return reinforce_advantages(rewards, mask, gamma=gamma, baseline="mean", **kl)
+    if estimator in ("reinforce++", "reinforce++-baseline"):
+        group = group_size if estimator == "reinforce++-baseline" else None
+        return reinforce_plus_plus_advantages(rewards, mask, gamma=gamma, group_size=group, **kl)
+    # gae: the per-token rewards are the returns-to-go with gamma = 0 (G_t = r_t), so the score's
+    # placement and the KL penalty are exactly those of the critic-free estimators.
+    token_rewards = reinforce_advantages(rewards, mask, gamma=0.0, **kl)[1]  # [B, T]
+    if not isinstance(values, torch.Tensor) or tuple(values.shape) != tuple(token_rewards.shape):
+        raise ValueError(f"values must be [B, T] = {tuple(token_rewards.shape)}, got {getattr(values, 'shape', values)}")
+    return gae(token_rewards, values, mask, gamma=gamma, lam=lam)

@@ -712,3 +712,84 @@ def rrhf_loss(
 
 def linear_rrhf_loss(hidden, weight, labels, rewards, *, bias=None, **kwargs):
     return rrhf_loss(_linear_logits(hidden, weight, bias), labels, rewards, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------
+# Value loss, whitening, the estimator dispatch (issue 18): the formulas, element by element
+# ----------------------------------------------------------------------------------------
+
+__all__ += ["clipped_value_loss", "masked_whiten", "estimate_advantages"]
+
+
+def clipped_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip: Optional[float] = 0.2,
+    loss_agg: str = "token-mean",
+) -> Tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
+    """``0.5 * agg(max((V - R)^2, (V_old + clamp(V - V_old, -clip, clip) - R)^2))`` and ``clipfrac``."""
+    dt = torch.float64 if values.dtype == torch.float64 else torch.float32
+    v, old, ret = (as_batch_time(t).to(dt) for t in (values, old_values.detach(), returns.detach()))
+    m = as_batch_time(mask).to(dt)
+    unclipped = (v - ret) ** 2
+    if clip is None:
+        per_token, clipped_wins = unclipped, torch.zeros_like(m)
+    else:
+        v_clip = torch.minimum(torch.maximum(v, old - clip), old + clip)  # verl's clip_by_value
+        clipped = (v_clip - ret) ** 2
+        per_token = torch.maximum(unclipped, clipped)
+        clipped_wins = (clipped > unclipped).to(dt)
+    loss = 0.5 * (per_token * loss_agg_weights(m, loss_agg)).sum()
+    return loss, {"clipfrac": _masked_mean(clipped_wins, m).detach(), "num_tokens": m.sum()}
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + eps)`` over ``x[mask]`` (unbiased var; 0 for fewer than 2 entries); 0 elsewhere."""
+    m = mask.bool()
+    counted = x[m]
+    mean = counted.mean() if counted.numel() else x.new_zeros(())
+    var = counted.var(correction=1) if counted.numel() > 1 else x.new_zeros(())
+    out = (x - mean) / torch.sqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(m, out, torch.zeros_like(out))
+
+
+def estimate_advantages(
+    estimator: str,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    group_size: Optional[int] = None,
+    values: Optional[torch.Tensor] = None,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+    scale_rewards: str = "group",
+    logprobs: Optional[torch.Tensor] = None,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k1",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token ``(advantages, returns)`` of a named estimator, from the oracles above."""
+    kl = dict(logprobs=logprobs, ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_estimator=kl_estimator)
+    m = mask.bool()
+    if estimator == "grpo":
+        tok, _ = _outcome_token_rewards(rewards, mask, None, None, 0.0, kl_estimator)
+        returns = returns_to_go(tok, m, gamma)
+        adv = group_advantages(rewards, group_size, scale=scale_rewards)
+        return torch.where(m, adv[:, None].expand_as(returns), torch.zeros_like(returns)), returns
+    if estimator == "rloo":
+        return reinforce_advantages(rloo_advantages(rewards, group_size), mask, gamma=gamma, **kl)
+    if estimator == "reinforce":
+        return reinforce_advantages(rewards, mask, gamma=gamma, baseline="mean", **kl)
+    if estimator == "reinforce++":
+        return reinforce_plus_plus_advantages(rewards, mask, gamma=gamma, **kl)
+    if estimator == "reinforce++-baseline":
+        return reinforce_plus_plus_advantages(rewards, mask, gamma=gamma, group_size=group_size, **kl)
+    if estimator == "gae":
+        tok, _ = _outcome_token_rewards(rewards, mask, logprobs, ref_logprobs, kl_coef, kl_estimator)
+        return gae(tok, values, mask, gamma=gamma, lam=lam)
+    raise ValueError(f"unknown estimator {estimator!r}")
