@@ -160,7 +160,8 @@ def _model_and_tokenizer(args, embedded: bool, warmup_rows, device: str):
     """Load ``--model``; or build (and warm up) the embedded tiny model, saved to ``<out>/init`` for resumes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .algos.common import attn_implementation, load_causal_lm, seed_everything, supervised_finetune
+    from .algos.models import attn_implementation, load_causal_lm
+    from .algos.trainer import seed_everything, supervised_finetune
     from .algos.task import tiny_causal_lm
     from .algos.tokenizer import build_char_tokenizer
 
@@ -257,7 +258,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         RFTConfig,
         RRHFConfig,
     )
-    from .algos.common import load_reward_fn, reward_model_fn
+    from .algos.rewards import load_reward_fn, reward_model_fn
     from .algos.data import load_jsonl
     from .algos.task import ArithmeticTask, greedy_accuracy
 

@@ -27,7 +27,7 @@ from fastrlhf.algos import (
     supervised_finetune,
     tiny_causal_lm,
 )
-from fastrlhf.algos.common import IGNORE_INDEX, encode_completion, encode_prompt
+from fastrlhf.algos.batching import IGNORE_INDEX, cut_at_eos, encode_completion, encode_prompt
 
 HAS_PEFT = importlib.util.find_spec("peft") is not None
 
@@ -133,8 +133,6 @@ def test_sampling_logprobs_match_training_logprobs(tok, task, warm_model):
                            eos_token_id=tok.eos_token_id, output_logits=True, return_dict_in_generate=True)
     out = model.generate(input_ids=b.input_ids[:, :P], attention_mask=b.attention_mask[:, :P], generation_config=gen)
     gen_lp = torch.stack(out.logits, 1).log_softmax(-1).gather(-1, out.sequences[:, P:, None]).squeeze(-1)
-    from fastrlhf.algos.common import cut_at_eos
-
     comps = [cut_at_eos(r, tok.eos_token_id, tok.pad_token_id) for r in out.sequences[:, P:].tolist()]
     batch = pack_sequences(prompts, comps, tok.pad_token_id)
     ours = t.completion_logprobs(model, batch)
@@ -420,3 +418,80 @@ def test_cuda_bf16_steps(tok, task, algo):
         assert all(torch.isfinite(torch.tensor(float(v))) for v in h.values()), h
         assert h["peak_mem_mb"] > 0
     assert all(p.dtype == torch.float32 for p in t.model.parameters())
+
+
+# ----------------------------------------------------------------------------------------
+# The one update loop (Trainer.run_updates) and the one estimator dispatch
+# ----------------------------------------------------------------------------------------
+
+
+def _recording_trainer(tok, task, accum):
+    t = grpo(tok, task, small_model(tok), beta=0.0)
+    t.config.gradient_accumulation_steps = accum
+    t.optimizer = t.build_optimizer()
+    w = next(t.model.parameters())
+    grads = []
+
+    def record_step():  # the update's gradient of the first weight, then zeroed like a real step
+        grads.append(float(w.grad.flatten()[0]))
+        t.optimizer.zero_grad(set_to_none=True)
+        return 1.0
+
+    t.optimizer_step = record_step
+    return t, w, grads
+
+
+def test_update_loop_micro_batches_accumulation_and_weights(tok, task):
+    t, w, grads = _recording_trainer(tok, task, accum=2)
+    x = torch.arange(10, dtype=torch.float32)  # unit i carries the value i
+    seen = []
+
+    def mean_of_values(weight):
+        def loss_fn(idx):  # d loss / d weight[0] = mean of the micro-batch's values
+            seen.append(idx.tolist())
+            return weight.flatten()[0] * x[idx].mean(), {"n_units": float(len(idx)), "num_ignored": 1.0}
+
+        return loss_fn
+
+    out = t.run_updates(10, mean_of_values(w), shuffle=False, micro_batch_size=3)
+    # micro-batches [0 1 2] [3 4 5] | [6 7 8] [9]: two updates of two micro-batches (the last one short)
+    assert seen == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    # each update's gradient is the unit-weighted mean: (0+...+5) / 6 = 2.5, then (6+7+8+9) / 4 = 7.5
+    assert grads == pytest.approx([2.5, 7.5], abs=1e-6)
+    # metrics: means over the 4 micro-batches; num_* dropped; grad_norm weighted by micro-batches
+    assert out["n_units"] == pytest.approx(10 / 4) and "num_ignored" not in out
+    assert out["loss"] == pytest.approx(float(w.detach().flatten()[0]) * (1 + 4 + 7 + 9) / 4, rel=1e-5)
+    assert out["grad_norm"] == 1.0
+    # units=: weights by another measure (e.g. tokens): unit i weighs i + 1
+    t2, w2, grads2 = _recording_trainer(tok, task, accum=4)
+    t2.run_updates(10, lambda idx: (w2.flatten()[0] * (x[idx] * (x[idx] + 1)).sum() / (x[idx] + 1).sum(), {}),
+                   shuffle=False, micro_batch_size=3, units=lambda idx: int((x[idx] + 1).sum()))
+    assert grads2 == pytest.approx([float((x * (x + 1)).sum() / (x + 1).sum())], rel=1e-6)  # one update
+    # shuffle: one torch.randperm per epoch, every unit once per epoch
+    t3, w3, _ = _recording_trainer(tok, task, accum=1)
+    seen.clear()
+    torch.manual_seed(5)
+    t3.run_updates(7, mean_of_values(w3), epochs=2, micro_batch_size=3)
+    torch.manual_seed(5)
+    order = torch.randperm(7).tolist() + torch.randperm(7).tolist()
+    assert sum(seen, []) == order
+    assert t3.run_updates(0, mean_of_values(w3)) == {}
+
+
+def test_both_trainers_take_advantages_from_the_one_dispatch(tok, task, monkeypatch):
+    calls = []
+    real = fastrlhf.estimate_advantages
+
+    def spy(estimator, *args, **kwargs):
+        calls.append(estimator)
+        return real(estimator, *args, **kwargs)
+
+    monkeypatch.setattr(fastrlhf, "estimate_advantages", spy)
+    length = lambda completions, **_: [float(len(c)) for c in completions]  # noqa: E731  varies untrained
+    g = grpo(tok, task, small_model(tok), beta=0.0, advantage_estimator="rloo")
+    g.reward_fn = length
+    g.train(steps=1)
+    p = ppo(tok, task, small_model(tok))
+    p.reward_fn = length
+    p.train(steps=1)
+    assert calls == ["rloo", "gae"]

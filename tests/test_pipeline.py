@@ -568,9 +568,9 @@ def test_grpo_advantages_follow_the_estimator(tok, task):
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 3.0, 1.0, 2.0, 2.0])
     mask = torch.ones(8, 3, dtype=torch.bool)
     lp = torch.zeros(8, 3)
-    for est, expected in (
-        ("grpo", fastrlhf.group_advantages(rewards, 4)),
-        ("rloo", fastrlhf.rloo_advantages(rewards, 4)),
+    for est, expected in (  # per token [8, 3]: sequence advantages are broadcast over the counted tokens
+        ("grpo", fastrlhf.group_advantages(rewards, 4)[:, None].expand(8, 3)),
+        ("rloo", fastrlhf.rloo_advantages(rewards, 4)[:, None].expand(8, 3)),
         ("reinforce", fastrlhf.reinforce_advantages(rewards, mask, baseline="mean")[0]),
         ("reinforce++", fastrlhf.reinforce_plus_plus_advantages(rewards, mask)[0]),
         ("reinforce++-baseline", fastrlhf.reinforce_plus_plus_advantages(rewards, mask, group_size=4)[0]),

@@ -1,9 +1,11 @@
 """PPO, DPO, GRPO, reward modelling, RRHF and rejection-sampling fine-tuning on Hugging Face
 causal LMs, built only on the public ops.
 
-Each algorithm is a config dataclass and a thin :class:`~fastrlhf.algos.common.Trainer`
-subclass; the losses are the fused-linear ops (``fastrlhf.linear_*``) on the model's last
-hidden state and lm_head weight, so the ``[B, T, V]`` logits are never built.
+Each algorithm is a config dataclass and a thin :class:`~fastrlhf.algos.trainer.Trainer`
+subclass whose ``train_step`` makes a rollout (or takes a batch) and hands a loss function to
+the one shared update loop (``Trainer.run_updates``); the losses are the fused-linear ops
+(``fastrlhf.linear_*``) on the model's last hidden state and lm_head weight, so the
+``[B, T, V]`` logits are never built.
 
     from fastrlhf.algos import GRPO, GRPOConfig
     trainer = GRPO(model, tokenizer, [{"prompt": "2+3=", "answer": "5"}, ...], reward_fn, GRPOConfig(steps=100))
@@ -14,27 +16,19 @@ The classic pipeline: SFT -> :class:`RewardModel` on preference pairs -> :class:
 {dpo,grpo,ppo,rm,rrhf,rft}``) lives in :mod:`fastrlhf.cli`.
 """
 
-from .common import (
-    SequenceBatch,
-    TrainConfig,
-    Trainer,
-    attn_implementation,
-    fused_linear_available,
-    load_causal_lm,
-    load_reward_fn,
-    pack_sequences,
-    reward_model_fn,
-    supervised_finetune,
-)
+from .batching import SequenceBatch, pack_sequences
 from .data import load_jsonl, preference_texts, prompt_text
 from .dpo import DPO, DPOConfig
 from .grpo import GRPO, GRPOConfig
+from .models import attn_implementation, forward_hidden, load_causal_lm, output_head
 from .ppo import PPO, PPOConfig, ValueModel
 from .reward import RewardModel, RewardModelConfig, reward_model_from_causal_lm
+from .rewards import load_reward_fn, reward_model_fn
 from .rft import RFT, RFTConfig
 from .rrhf import RRHF, RRHFConfig
 from .task import ArithmeticTask, greedy_accuracy, tiny_causal_lm
 from .tokenizer import build_char_tokenizer
+from .trainer import TrainConfig, Trainer, supervised_finetune
 
 __all__ = [
     "DPO",
@@ -56,8 +50,9 @@ __all__ = [
     "SequenceBatch",
     "pack_sequences",
     "attn_implementation",
-    "fused_linear_available",
     "load_causal_lm",
+    "forward_hidden",
+    "output_head",
     "load_reward_fn",
     "reward_model_fn",
     "supervised_finetune",

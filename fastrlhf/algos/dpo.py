@@ -31,8 +31,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from .common import IGNORE_INDEX, SequenceBatch, TrainConfig, Trainer, encode_completion, encode_prompt, pack_sequences
+from .batching import IGNORE_INDEX, SequenceBatch, encode_completion, encode_prompt, micro_batches, pack_sequences
 from .data import preference_texts
+from .trainer import TrainConfig, Trainer, check_config
 
 
 @dataclass
@@ -66,8 +67,7 @@ class DPO(Trainer):
 
     def __init__(self, model, tokenizer, dataset: Sequence[Mapping[str, Any]], config: Optional[DPOConfig] = None):
         config = config or DPOConfig()
-        if config.loss_type not in ("sigmoid", "hinge", "ipo", "robust"):
-            raise ValueError(f"loss_type must be sigmoid, hinge, ipo or robust, got {config.loss_type!r}")
+        check_config(config, one_of=dict(loss_type=("sigmoid", "hinge", "ipo", "robust")))
         if config.beta <= 0:
             raise ValueError(f"beta must be > 0, got {config.beta}")
         self.needs_reference = not config.reference_free
@@ -106,19 +106,16 @@ class DPO(Trainer):
             seq = seq / batch.completion_mask.sum(-1).clamp_min(1)
         return seq
 
-    def _pair_rows(self, sl: slice, b: int) -> torch.Tensor:
-        idx = torch.arange(sl.start, sl.stop, device=self.device)
-        return torch.cat([idx, idx + b])  # chosen rows, then their rejected rows
-
-    def _loss(self, batch: SequenceBatch, ref_seq: torch.Tensor, sl: slice):
+    def _loss(self, batch: SequenceBatch, ref_seq: torch.Tensor, idx: torch.Tensor):
+        """DPO loss of the pairs ``idx`` (``[b']`` indices into the ``b`` pairs of ``batch``)."""
         c, b = self.config, len(batch) // 2
-        mb = batch.select(self._pair_rows(sl, b))
+        mb = batch.select(torch.cat([idx, idx + b]))  # chosen rows, then their rejected rows
         with self.autocast():
             hidden = self.completion_hidden(self.model, mb)  # [2b', R, H]
-            loss, stats = self.op("dpo_loss", hidden, mb.labels, ref_seq[:b][sl], ref_seq[b:][sl], beta=c.beta,
+            loss, stats = self.op("dpo_loss", hidden, mb.labels, ref_seq[:b][idx], ref_seq[b:][idx], beta=c.beta,
                                   loss_type=c.loss_type, label_smoothing=c.label_smoothing)
             if c.rpo_alpha:
-                n = sl.stop - sl.start  # chosen rows come first
+                n = len(idx)  # chosen rows come first
                 logp = self.op("token_logprobs", hidden[:n], mb.labels[:n])  # [b', R]
                 nll = -logp.sum() / (mb.labels[:n] != IGNORE_INDEX).sum().clamp_min(1)
                 loss = loss + c.rpo_alpha * nll
@@ -126,20 +123,10 @@ class DPO(Trainer):
         return loss, stats
 
     def train_step(self, rows: List[Mapping[str, Any]]) -> Dict[str, float]:
-        c = self.config
         batch = self.tokenize(rows)
         ref_seq = self.reference_logps(batch)  # [2b]
-        sums: Dict[str, float] = {}
-        n_micro = 0
-        for start in range(0, len(rows), c.micro_batch_size):
-            sl = slice(start, min(start + c.micro_batch_size, len(rows)))
-            loss, stats = self._loss(batch, ref_seq, sl)
-            (loss / c.gradient_accumulation_steps).backward()
-            for key, v in {"loss": loss.detach(), **stats}.items():
-                sums[key] = sums.get(key, 0.0) + float(v)
-            n_micro += 1
-        out = {k: v / n_micro for k, v in sums.items()}
-        out["grad_norm"] = self.optimizer_step()
+        # one optimizer step: the rows are exactly gradient_accumulation_steps micro-batches, in order
+        out = self.run_updates(len(rows), lambda idx: self._loss(batch, ref_seq, idx), shuffle=False)
         out["tokens"] = float(batch.attention_mask.sum())
         return out
 
@@ -153,10 +140,10 @@ class DPO(Trainer):
             chunk = list(rows[i : i + step])
             batch = self.tokenize(chunk)
             ref_seq = self.reference_logps(batch)
-            for start in range(0, len(chunk), self.config.micro_batch_size):
-                sl = slice(start, min(start + self.config.micro_batch_size, len(chunk)))
-                loss, stats = self._loss(batch, ref_seq, sl)
-                w = sl.stop - sl.start
+            for sl in micro_batches(len(chunk), self.config.micro_batch_size):
+                idx = torch.arange(sl.start, sl.stop, device=self.device)
+                loss, stats = self._loss(batch, ref_seq, idx)
+                w = len(idx)
                 for key, v in {"loss": loss, **stats}.items():
                     sums[key] = sums.get(key, 0.0) + float(v) * w
                 total += w

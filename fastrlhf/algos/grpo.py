@@ -44,22 +44,16 @@ import torch
 
 import fastrlhf
 
-from .common import RewardFn, TrainConfig, Trainer, call_reward_fn, encode_prompt, micro_batches, pack_sequences
-from .data import prompt_text
+from .rewards import RewardFn
+from .trainer import RolloutConfig, RolloutTrainer, check_config, check_rollout_fits_updates
 
 
 @dataclass
-class GRPOConfig(TrainConfig):
+class GRPOConfig(RolloutConfig):
     """GRPO hyper-parameters (defaults follow TRL / verl / DAPO where they agree)."""
 
-    prompts_per_step: int = 16
-    """Prompts sampled per rollout step."""
     group_size: int = 8
     """G: completions sampled per prompt."""
-    max_new_tokens: int = 64
-    """Longest completion sampled."""
-    temperature: float = 1.0
-    """Sampling temperature; logprobs are scored at the same temperature."""
     beta: float = 0.04
     """Coefficient of the k3 KL to the reference (0: no reference model)."""
     clip_low: float = 0.2
@@ -87,7 +81,7 @@ class GRPOConfig(TrainConfig):
 GRPO_ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce", "reinforce++", "reinforce++-baseline")
 
 
-class GRPO(Trainer):
+class GRPO(RolloutTrainer):
     """Group Relative Policy Optimization of ``model``, rewarded by ``reward_fn``.
 
     ``reward_fn(prompts=, completions=, completion_ids=, **columns) -> [float]`` (TRL's call).
@@ -101,63 +95,31 @@ class GRPO(Trainer):
     def __init__(self, model, tokenizer, dataset: Sequence[Mapping[str, Any]], reward_fn: RewardFn,
                  config: Optional[GRPOConfig] = None):
         config = config or GRPOConfig()
-        if config.group_size < 2:
-            raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {config.group_size}")
-        if config.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {config.beta}")
-        if config.advantage_estimator not in GRPO_ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"advantage_estimator must be one of {GRPO_ADVANTAGE_ESTIMATORS}, "
-                             f"got {config.advantage_estimator!r}")
-        if config.reward_kl_coef < 0:
-            raise ValueError(f"reward_kl_coef must be >= 0, got {config.reward_kl_coef}")
+        # group_size >= 2: advantages are relative to the group
+        check_config(config, at_least=dict(group_size=2, beta=0.0, reward_kl_coef=0.0),
+                     one_of=dict(advantage_estimator=GRPO_ADVANTAGE_ESTIMATORS))
         if config.reward_kl_coef > 0 and config.advantage_estimator in ("grpo", "rloo"):
             raise ValueError(f"reward_kl_coef needs a per-token estimator (reinforce, reinforce++, "
                              f"reinforce++-baseline), not {config.advantage_estimator!r}; use beta for a KL loss")
-        rollout = config.prompts_per_step * config.group_size
-        update = config.micro_batch_size * config.gradient_accumulation_steps
-        if rollout % update:
-            raise ValueError(
-                f"prompts_per_step * group_size = {rollout} must be a multiple of "
-                f"micro_batch_size * gradient_accumulation_steps = {update}"
-            )
-        if not callable(reward_fn):
-            raise TypeError("reward_fn must be callable")
+        check_rollout_fits_updates(config, "group_size")
         self.needs_reference = config.beta > 0 or config.reward_kl_coef > 0
-        super().__init__(model, tokenizer, config, dataset)
-        self.reward_fn = reward_fn
-
-    @property
-    def rows_per_step(self) -> int:
-        return self.config.prompts_per_step
+        super().__init__(model, tokenizer, config, dataset, reward_fn)
 
     def advantages(self, rewards: torch.Tensor, mask: torch.Tensor, old_logp: torch.Tensor,
                    ref_logp: Optional[torch.Tensor]) -> torch.Tensor:
-        """Per-sequence ``[B * G]`` (grpo, rloo) or per-token ``[B * G, R]`` advantages of the rollout."""
-        c, G = self.config, self.config.group_size
-        if c.advantage_estimator == "grpo":
-            return fastrlhf.group_advantages(rewards, G, scale=c.scale_rewards)
-        if c.advantage_estimator == "rloo":
-            return fastrlhf.rloo_advantages(rewards, G)
+        """Per-token ``[B * G, R]`` advantages of the rollout (``fastrlhf.estimate_advantages``)."""
+        c = self.config
         kl = {}
         if c.reward_kl_coef > 0:
             kl = dict(logprobs=old_logp, ref_logprobs=ref_logp, kl_coef=c.reward_kl_coef, kl_estimator="k1")
-        if c.advantage_estimator == "reinforce":
-            return fastrlhf.reinforce_advantages(rewards, mask, baseline="mean", **kl)[0]
-        group = G if c.advantage_estimator == "reinforce++-baseline" else None
-        return fastrlhf.reinforce_plus_plus_advantages(rewards, mask, group_size=group, **kl)[0]
+        return fastrlhf.estimate_advantages(c.advantage_estimator, rewards, mask, group_size=c.group_size,
+                                            scale_rewards=c.scale_rewards, **kl)[0]
 
     def train_step(self, rows: List[Mapping[str, Any]]) -> Dict[str, float]:
         c, G = self.config, self.config.group_size
         # 1. Rollout: G samples per prompt, scored by the reward function.
-        prompts = [prompt_text(r, self.tokenizer) for r in rows]
-        prompt_ids = [encode_prompt(self.tokenizer, p) for p in prompts]
-        completions = self.generate(prompt_ids, num_samples=G, max_new_tokens=c.max_new_tokens,
-                                    temperature=c.temperature)
-        group_rows = [r for r in rows for _ in range(G)]
-        batch = pack_sequences([p for p in prompt_ids for _ in range(G)], completions, self.pad_id, self.device)
-        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        rewards = call_reward_fn(self.reward_fn, [p for p in prompts for _ in range(G)], texts, completions,
-                                 group_rows, self.device)  # [B * G]
+        batch, rewards, _ = self.sample_and_score(rows, G, max_new_tokens=c.max_new_tokens,
+                                                  temperature=c.temperature, reward_fn=self.reward_fn)  # [B * G]
 
         # 2. Logprobs of the sampling policy and of the reference, once per rollout.
         old_logp = self.completion_logprobs(self.model, batch, c.temperature)  # [B * G, R]
@@ -165,33 +127,21 @@ class GRPO(Trainer):
         if self.needs_reference:
             with self.reference() as ref:
                 ref_logp = self.completion_logprobs(ref, batch, c.temperature)
-        advantages = self.advantages(rewards, batch.completion_mask, old_logp, ref_logp)  # [B * G] or [B * G, R]
+        advantages = self.advantages(rewards, batch.completion_mask, old_logp, ref_logp)  # [B * G, R]
 
         # 3. num_inner_epochs passes of clipped updates.
-        n, accum = len(batch), c.gradient_accumulation_steps
-        sums: Dict[str, float] = {}
-        count = 0
-        for _ in range(c.num_inner_epochs):
-            order = torch.randperm(n).to(self.device)
-            for k, sl in enumerate(micro_batches(n, c.micro_batch_size)):
-                idx = order[sl]
-                mb = batch.select(idx)
-                with self.autocast():
-                    hidden = self.completion_hidden(self.model, mb)  # [b, R, H]
-                    loss, stats = self.op(
-                        "grpo_loss", hidden, mb.labels, old_logp[idx], advantages[idx],
-                        None if ref_logp is None else ref_logp[idx],
-                        beta=c.beta, clip_low=c.clip_low, clip_high=c.clip_high, loss_agg=c.loss_agg,
-                        temperature=c.temperature, compute_entropy=True,
-                    )
-                (loss / accum).backward()
-                for key, v in {"loss": loss.detach(), **stats}.items():
-                    sums[key] = sums.get(key, 0.0) + float(v)
-                count += 1
-                if (k + 1) % accum == 0:
-                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + self.optimizer_step() * accum
+        def loss_fn(idx: torch.Tensor):
+            mb = batch.select(idx)
+            with self.autocast():
+                hidden = self.completion_hidden(self.model, mb)  # [b, R, H]
+                return self.op(
+                    "grpo_loss", hidden, mb.labels, old_logp[idx], advantages[idx],
+                    None if ref_logp is None else ref_logp[idx],
+                    beta=c.beta, clip_low=c.clip_low, clip_high=c.clip_high, loss_agg=c.loss_agg,
+                    temperature=c.temperature, compute_entropy=True,
+                )
 
-        out = {k: v / count for k, v in sums.items() if k != "num_tokens"}
+        out = self.run_updates(len(batch), loss_fn, epochs=c.num_inner_epochs)
         groups = rewards.view(-1, G)
         out.update(
             reward=float(rewards.mean()),

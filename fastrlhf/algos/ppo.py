@@ -16,12 +16,13 @@ Huang et al. 2022; TRL's ``PPOTrainer`` and verl where they add LLM-specific one
    ``kl_penalty="reward"``; ``kl_penalty="loss"`` instead adds ``kl_coef * k3`` to the loss
    (GRPO-style, verl's ``use_kl_loss``).
 3. GAE (detail 5; Schulman et al. 2016) with ``gamma=1, lam=0.95`` (TRL), over the
-   completion tokens only (``fastrlhf.gae``).
+   completion tokens only (``fastrlhf.estimate_advantages("gae", ...)``, i.e. ``fastrlhf.gae``).
 4. Advantage whitening over the whole rollout (detail 7; TRL whitens per batch, CleanRL per
-   minibatch), masked to completion tokens.
+   minibatch), masked to completion tokens (``fastrlhf.masked_whiten``, unbiased variance).
 5. Clipped surrogate objective (detail 8) through ``fastrlhf.ppo_clip_loss``.
 6. Value-function loss clipping (detail 9): ``0.5 * max((V - R)^2, (V_clip - R)^2)`` with
-   ``V_clip = V_old + clamp(V - V_old, -cliprange_value, cliprange_value)``.
+   ``V_clip = V_old + clamp(V - V_old, -cliprange_value, cliprange_value)``, token-mean
+   (``fastrlhf.clipped_value_loss``, verl's ``compute_value_loss``).
 7. One optimizer over actor and critic, loss ``pg + vf_coef * vf`` (detail 10; TRL's
    ``PolicyAndValueWrapper``), global gradient clipping (detail 11).
 8. Several epochs over shuffled minibatches (details 6, "mini-batch updates"), each
@@ -29,12 +30,11 @@ Huang et al. 2022; TRL's ``PPOTrainer`` and verl where they add LLM-specific one
 9. No entropy bonus by default (``entropy_coef=0``, TRL and verl for LLMs; CleanRL uses 0.01
    for Atari); the entropy is still logged.
 10. ``advantage_estimator`` other than ``"gae"`` drops the critic (OpenRLHF's critic-free
-    estimators): the same per-token rewards (KL penalty + score on the last token) go to
-    ``fastrlhf.reinforce_plus_plus_advantages`` (REINFORCE++, Hu 2025: returns-to-go, global
-    whitening), its ``group_size`` variant over the ``samples_per_prompt`` samples of a prompt
-    (REINFORCE++-baseline), ``fastrlhf.reinforce_advantages`` with the batch-mean baseline
-    (REINFORCE), or, after the leave-one-out baseline on the scores
-    (``fastrlhf.rloo_advantages``, Ahmadian et al. 2024), to plain returns (OpenRLHF's
+    estimators; all dispatched by ``fastrlhf.estimate_advantages``): the same per-token
+    rewards (KL penalty + score on the last token) go to REINFORCE++ (Hu 2025: returns-to-go,
+    global whitening), its ``group_size`` variant over the ``samples_per_prompt`` samples of a
+    prompt (REINFORCE++-baseline), REINFORCE with the batch-mean baseline, or, after the
+    leave-one-out baseline on the scores (Ahmadian et al. 2024), to plain returns (OpenRLHF's
     ``rloo``). ``whiten_advantages`` applies to GAE only.
 """
 
@@ -42,41 +42,27 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
 import fastrlhf
 
-from .common import (
-    RewardFn,
-    TrainConfig,
-    Trainer,
-    apply_lora,
-    call_reward_fn,
-    encode_prompt,
-    forward_hidden,
-    micro_batches,
-    pack_sequences,
-    reward_model_fn,
-    unwrap_model,
-)
-from .data import prompt_text
+from .batching import micro_batches
+from .models import apply_lora, forward_hidden, unwrap_model
+from .rewards import RewardFn, reward_model_fn
+from .trainer import RolloutConfig, RolloutTrainer, check_config, check_rollout_fits_updates
 
 
 @dataclass
-class PPOConfig(TrainConfig):
+class PPOConfig(RolloutConfig):
     """PPO hyper-parameters (defaults follow TRL's PPOConfig unless noted)."""
 
     prompts_per_step: int = 64
     """Prompts sampled per rollout step."""
     samples_per_prompt: int = 1
     """Completions sampled per prompt."""
-    max_new_tokens: int = 64
-    """Longest completion sampled."""
-    temperature: float = 1.0
-    """Sampling temperature; logprobs are scored at the same temperature."""
     kl_coef: float = 0.05
     """KL coefficient (per-token penalty in the reward, or loss term; see kl_penalty)."""
     kl_penalty: str = "reward"
@@ -134,15 +120,6 @@ class ValueModel(nn.Module):
         return self.head(hidden).squeeze(-1).float()  # [B, L]
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """``(x - mean) / std`` over the tokens where ``mask`` (unbiased std, as TRL); 0 elsewhere."""
-    m = mask.to(x.dtype)
-    n = m.sum().clamp_min(1.0)
-    mean = (x * m).sum() / n
-    var = (((x - mean) * m) ** 2).sum() / (n - 1).clamp_min(1.0)
-    return (x - mean) * torch.rsqrt(var + eps) * m
-
-
 def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return (x * m).sum() / m.sum().clamp_min(1.0)
 
@@ -150,25 +127,7 @@ def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 PPO_ADVANTAGE_ESTIMATORS = ("gae", "reinforce", "reinforce++", "reinforce++-baseline", "rloo")
 
 
-def critic_free_advantages(estimator: str, scores: torch.Tensor, mask: torch.Tensor, gamma: float, group_size: int,
-                           **kl) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(advantages, returns)`` ``[B, R]`` of a critic-free estimator from the sequence ``scores [B]``.
-
-    ``kl``: ``logprobs``, ``ref_logprobs``, ``kl_coef``, ``kl_estimator`` of the per-token KL
-    penalty in the reward (empty: none). ``group_size``: samples per prompt (consecutive).
-    """
-    if estimator == "reinforce++":
-        return fastrlhf.reinforce_plus_plus_advantages(scores, mask, gamma=gamma, **kl)
-    if estimator == "reinforce++-baseline":
-        return fastrlhf.reinforce_plus_plus_advantages(scores, mask, gamma=gamma, group_size=group_size, **kl)
-    if estimator == "reinforce":
-        return fastrlhf.reinforce_advantages(scores, mask, gamma=gamma, baseline="mean", **kl)
-    if estimator == "rloo":
-        return fastrlhf.reinforce_advantages(fastrlhf.rloo_advantages(scores, group_size), mask, gamma=gamma, **kl)
-    raise ValueError(f"unknown critic-free advantage_estimator {estimator!r}")
-
-
-class PPO(Trainer):
+class PPO(RolloutTrainer):
     """PPO of ``model`` (actor) with a critic, rewarded by ``reward_fn`` or ``reward_model``.
 
     ``dataset``: prompt-only rows (see :class:`fastrlhf.algos.GRPO`). ``reward_model``: a
@@ -185,43 +144,27 @@ class PPO(Trainer):
         config = config or PPOConfig()
         if (reward_fn is None) == (reward_model is None):
             raise ValueError("pass exactly one of reward_fn and reward_model")
-        if config.kl_penalty not in ("reward", "loss"):
-            raise ValueError(f"kl_penalty must be 'reward' or 'loss', got {config.kl_penalty!r}")
-        if config.kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {config.kl_coef}")
-        if config.advantage_estimator not in PPO_ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"advantage_estimator must be one of {PPO_ADVANTAGE_ESTIMATORS}, "
-                             f"got {config.advantage_estimator!r}")
+        check_config(config, at_least=dict(kl_coef=0.0),
+                     one_of=dict(kl_penalty=("reward", "loss"), advantage_estimator=PPO_ADVANTAGE_ESTIMATORS))
         if config.advantage_estimator in ("rloo", "reinforce++-baseline") and config.samples_per_prompt < 2:
             raise ValueError(f"advantage_estimator={config.advantage_estimator!r} needs samples_per_prompt >= 2")
         if config.advantage_estimator != "gae" and critic is not None:
             raise ValueError(f"advantage_estimator={config.advantage_estimator!r} is critic-free: pass no critic")
-        rollout = config.prompts_per_step * config.samples_per_prompt
-        update = config.micro_batch_size * config.gradient_accumulation_steps
-        if rollout % update:
-            raise ValueError(
-                f"prompts_per_step * samples_per_prompt = {rollout} must be a multiple of "
-                f"micro_batch_size * gradient_accumulation_steps = {update}"
-            )
+        check_rollout_fits_updates(config, "samples_per_prompt")
         self.needs_reference = config.kl_coef > 0
         if critic is None and config.advantage_estimator == "gae":
             critic = ValueModel.from_policy(model)
             # with LoRA the critic's decoder gets adapters too; its head stays fully trainable
             critic.decoder = apply_lora(critic.decoder, config, task_type=None)
-        super().__init__(model, tokenizer, config, dataset)
-        self.critic = critic.to(self.device).train() if critic is not None else None
         if reward_model is not None:
             reward_fn = reward_model_fn(reward_model, reward_tokenizer or tokenizer)
-        self.reward_fn = reward_fn
+        super().__init__(model, tokenizer, config, dataset, reward_fn)
+        self.critic = critic.to(self.device).train() if critic is not None else None
 
     def trainable_modules(self) -> Dict[str, nn.Module]:
         if self.critic is None:
             return {"policy": self.model}
         return {"policy": self.model, "critic": self.critic}
-
-    @property
-    def rows_per_step(self) -> int:
-        return self.config.prompts_per_step
 
     def completion_values(self, batch) -> torch.Tensor:
         """Critic values ``[B, R]`` at the positions that predict each completion token."""
@@ -231,15 +174,8 @@ class PPO(Trainer):
     def train_step(self, rows: List[Mapping[str, Any]]) -> Dict[str, float]:
         c, S = self.config, self.config.samples_per_prompt
         # 1. Rollout and its score.
-        prompts = [prompt_text(r, self.tokenizer) for r in rows]
-        prompt_ids = [encode_prompt(self.tokenizer, p) for p in prompts]
-        completions = self.generate(prompt_ids, num_samples=S, max_new_tokens=c.max_new_tokens,
-                                    temperature=c.temperature)
-        all_rows = [r for r in rows for _ in range(S)]
-        batch = pack_sequences([p for p in prompt_ids for _ in range(S)], completions, self.pad_id, self.device)
-        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        scores = call_reward_fn(self.reward_fn, [p for p in prompts for _ in range(S)], texts, completions,
-                                all_rows, self.device)  # [B]
+        batch, scores, _ = self.sample_and_score(rows, S, max_new_tokens=c.max_new_tokens,
+                                                 temperature=c.temperature, reward_fn=self.reward_fn)  # [B]
         mask = batch.completion_mask.float()  # [B, R]
 
         # 2. Logprobs, reference logprobs and values of the rollout, no grad.
@@ -249,76 +185,53 @@ class PPO(Trainer):
             with self.reference() as ref:
                 ref_logp = self.completion_logprobs(ref, batch, c.temperature)
         with torch.no_grad():
-            old_values = torch.zeros_like(old_logp)
+            old_values = None
             if self.critic is not None:
                 old_values = torch.cat([
                     self.completion_values(batch.select(sl)) for sl in micro_batches(len(batch), c.micro_batch_size)
                 ]) * mask  # [B, R]
 
-            # 3. Per-token rewards: KL penalty on every token, the score on the last one.
-            rewards = torch.zeros_like(old_logp)
+            # 3. Advantages from per-token rewards: the k1 KL penalty on every token (kl_penalty="reward"),
+            # the score on the last one.
             kl_k1 = torch.zeros_like(old_logp)
+            kl = {}
             if ref_logp is not None:
                 kl_k1 = fastrlhf.kl_estimate(old_logp, ref_logp, "k1") * mask
                 if c.kl_penalty == "reward":
-                    rewards = rewards - c.kl_coef * kl_k1
-            last = (mask.sum(-1).long() - 1).clamp_min(0)  # [B] index of the last completion token
-            rewards[torch.arange(len(batch), device=self.device), last] += scores
-            if c.advantage_estimator == "gae":
-                advantages, returns = fastrlhf.gae(rewards, old_values, mask, gamma=c.gamma, lam=c.lam)
-                if c.whiten_advantages:
-                    advantages = masked_whiten(advantages, mask)
-            else:
-                kl = {}
-                if ref_logp is not None and c.kl_penalty == "reward":  # the same k1 penalty as in `rewards`
                     kl = dict(logprobs=old_logp, ref_logprobs=ref_logp, kl_coef=c.kl_coef, kl_estimator="k1")
-                advantages, returns = critic_free_advantages(c.advantage_estimator, scores, mask, c.gamma, S, **kl)
+            advantages, returns = fastrlhf.estimate_advantages(
+                c.advantage_estimator, scores, mask, group_size=S, values=old_values, gamma=c.gamma, lam=c.lam, **kl)
+            if c.advantage_estimator == "gae" and c.whiten_advantages:
+                advantages = fastrlhf.masked_whiten(advantages, mask)
 
         # 4. ppo_epochs passes of clipped actor + critic updates.
-        n, accum = len(batch), c.gradient_accumulation_steps
         kl_loss = c.kl_penalty == "loss" and c.kl_coef > 0
-        sums: Dict[str, float] = {}
-        count = 0
-        for _ in range(c.ppo_epochs):
-            order = torch.randperm(n).to(self.device)
-            for k, sl in enumerate(micro_batches(n, c.micro_batch_size)):
-                idx = order[sl]
-                mb, m = batch.select(idx), mask[idx]
-                with self.autocast():
-                    hidden = self.completion_hidden(self.model, mb)  # [b, R, H]
-                    pg_loss, stats = self.op(
-                        "ppo_clip_loss", hidden, mb.labels, old_logp[idx], advantages[idx],
-                        clip_low=c.clip_low, clip_high=c.clip_high, entropy_coef=c.entropy_coef,
-                        ref_logprobs=ref_logp[idx] if kl_loss else None, kl_coef=c.kl_coef if kl_loss else 0.0,
-                        kl_estimator="k3", temperature=c.temperature, loss_agg=c.loss_agg, compute_entropy=True,
-                    )
-                    values = self.completion_values(mb) if self.critic is not None else None  # [b, R]
-                loss = pg_loss
-                mb_stats = {}
-                if values is not None:
-                    old_v, ret = old_values[idx], returns[idx]
-                    v_clipped = old_v + (values - old_v).clamp(-c.cliprange_value, c.cliprange_value)
-                    vf_losses = torch.maximum((values - ret) ** 2, (v_clipped - ret) ** 2)
-                    vf_loss = 0.5 * _masked_mean(vf_losses, m)
-                    loss = pg_loss + c.vf_coef * vf_loss
-                    with torch.no_grad():
-                        vf_clipfrac = _masked_mean(((v_clipped - ret) ** 2 > (values - ret) ** 2).float(), m)
-                    mb_stats = {"vf_loss": vf_loss.detach(), "vf_clipfrac": vf_clipfrac}
-                (loss / accum).backward()
-                mb_stats.update({"loss": loss.detach(), "pg_loss": pg_loss.detach(),
-                                 **{("kl_loss" if key == "kl" else key): v for key, v in stats.items()}})
-                for key, v in mb_stats.items():
-                    sums[key] = sums.get(key, 0.0) + float(v)
-                count += 1
-                if (k + 1) % accum == 0:
-                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + self.optimizer_step() * accum
 
-        out = {k: v / count for k, v in sums.items() if k != "num_tokens"}
-        seq_kl = kl_k1.sum(-1)  # [B] k1 estimate of KL(policy || ref) per completion
+        def loss_fn(idx: torch.Tensor):
+            mb = batch.select(idx)
+            with self.autocast():
+                hidden = self.completion_hidden(self.model, mb)  # [b, R, H]
+                pg_loss, stats = self.op(
+                    "ppo_clip_loss", hidden, mb.labels, old_logp[idx], advantages[idx],
+                    clip_low=c.clip_low, clip_high=c.clip_high, entropy_coef=c.entropy_coef,
+                    ref_logprobs=ref_logp[idx] if kl_loss else None, kl_coef=c.kl_coef if kl_loss else 0.0,
+                    kl_estimator="k3", temperature=c.temperature, loss_agg=c.loss_agg, compute_entropy=True,
+                )
+                values = self.completion_values(mb) if self.critic is not None else None  # [b, R]
+            out = {("kl_loss" if key == "kl" else key): v for key, v in stats.items()}
+            if values is None:
+                return pg_loss, {"pg_loss": pg_loss.detach(), **out}
+            vf_loss, vf_stats = fastrlhf.clipped_value_loss(values, old_values[idx], returns[idx], mask[idx],
+                                                            clip=c.cliprange_value)
+            out.update(pg_loss=pg_loss.detach(), vf_loss=vf_loss.detach(), vf_clipfrac=vf_stats["clipfrac"])
+            return pg_loss + c.vf_coef * vf_loss, out
+
+        out = self.run_updates(len(batch), loss_fn, epochs=c.ppo_epochs)
+        non_score = -c.kl_coef * kl_k1.sum(-1) if kl else torch.zeros_like(scores)  # [B] KL part of the reward
         out.update(
             reward=float(scores.mean()),
-            kl=float(seq_kl.mean()),
-            non_score_reward=float((rewards.sum(-1) - scores).mean()),
+            kl=float(kl_k1.sum(-1).mean()),  # k1 estimate of KL(policy || ref) per completion
+            non_score_reward=float(non_score.mean()),
             **({"value_mean": float(_masked_mean(old_values, mask))} if self.critic is not None else {}),
             returns_mean=float(_masked_mean(returns, mask)),
             completion_len=float(mask.sum(-1).mean()),

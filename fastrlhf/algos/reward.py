@@ -47,8 +47,10 @@ from torch import nn
 
 import fastrlhf
 
-from .common import RewardFn, TrainConfig, Trainer, apply_lora, attn_implementation, forward_hidden, unwrap_model
 from .data import preference_texts, prompt_text
+from .models import apply_lora, attn_implementation, forward_hidden, unwrap_model
+from .rewards import RewardFn
+from .trainer import TrainConfig, Trainer, check_config
 
 
 @dataclass
@@ -194,8 +196,7 @@ class RewardModel(Trainer):
     def __init__(self, model, tokenizer, dataset: Sequence[Mapping[str, Any]],
                  config: Optional[RewardModelConfig] = None):
         config = config or RewardModelConfig()
-        if config.center_rewards_coef < 0:
-            raise ValueError(f"center_rewards_coef must be >= 0, got {config.center_rewards_coef}")
+        check_config(config, at_least=dict(center_rewards_coef=0.0))
         if config.max_length is not None and config.max_length < 1:
             raise ValueError(f"max_length must be >= 1 or None, got {config.max_length}")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -301,24 +302,21 @@ class RewardModel(Trainer):
         return loss, stats, rb, rw
 
     def train_step(self, rows: List[Mapping[str, Any]]) -> Dict[str, float]:
-        c = self.config
         items = self.tokenize(rows)
-        sums: Dict[str, float] = {}
         all_rewards = []
-        n_micro = 0
-        for start in range(0, len(items), c.micro_batch_size):
-            chunk = items[start : start + c.micro_batch_size]
+
+        def loss_fn(idx: torch.Tensor):
+            chunk = [items[i] for i in idx.tolist()]
             rewards = self._rewards(chunk)
-            loss, stats, _, _ = self._pair_loss(rewards, chunk)
-            (loss / c.gradient_accumulation_steps).backward()
-            for key, v in {"loss": loss.detach(), **stats}.items():
-                sums[key] = sums.get(key, 0.0) + float(v)
             all_rewards.append(rewards.detach())
-            n_micro += 1
-        out = {k: v / n_micro for k, v in sums.items()}
+            loss, stats, _, _ = self._pair_loss(rewards, chunk)
+            return loss, stats
+
+        # one optimizer step: the rows are exactly gradient_accumulation_steps micro-batches, in order
+        out = self.run_updates(len(items), loss_fn, shuffle=False)
         r = torch.cat(all_rewards)
         out.update(reward_mean=float(r.mean()), reward_std=float(r.std()) if r.numel() > 1 else 0.0,
-                   grad_norm=self.optimizer_step(), tokens=float(sum(len(s) for it in items for s in it.ids)))
+                   tokens=float(sum(len(s) for it in items for s in it.ids)))
         return out
 
     @torch.no_grad()

@@ -29,22 +29,17 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from .common import IGNORE_INDEX, RewardFn, TrainConfig, Trainer
-from .rrhf import sample_and_score
+from .batching import IGNORE_INDEX
+from .rewards import RewardFn
+from .trainer import RolloutConfig, RolloutTrainer, check_config
 
 
 @dataclass
-class RFTConfig(TrainConfig):
-    """Best-of-n rejection-sampling fine-tuning hyper-parameters."""
+class RFTConfig(RolloutConfig):
+    """Best-of-n rejection-sampling fine-tuning hyper-parameters (the NLL is taken at temperature 1)."""
 
-    prompts_per_step: int = 16
-    """Prompts sampled per step."""
     samples_per_prompt: int = 8
     """n: completions sampled per prompt, of which the best is kept."""
-    max_new_tokens: int = 64
-    """Longest completion sampled."""
-    temperature: float = 1.0
-    """Sampling temperature (the NLL is taken at temperature 1)."""
     min_reward: Optional[float] = None
     """Keep a prompt's best completion only if its reward >= this (None: always keep it)."""
     sft_epochs: int = 1
@@ -55,7 +50,7 @@ class RFTConfig(TrainConfig):
     """AdamW learning rate."""
 
 
-class RFT(Trainer):
+class RFT(RolloutTrainer):
     """Best-of-n rejection-sampling fine-tuning of ``model`` with ``reward_fn`` (TRL's call signature).
 
     ``dataset``: prompt-only rows; other columns (e.g. ``"answer"``) go to ``reward_fn``.
@@ -67,23 +62,14 @@ class RFT(Trainer):
     def __init__(self, model, tokenizer, dataset: Sequence[Mapping[str, Any]], reward_fn: RewardFn,
                  config: Optional[RFTConfig] = None):
         config = config or RFTConfig()
-        if config.samples_per_prompt < 1:
-            raise ValueError(f"samples_per_prompt must be >= 1, got {config.samples_per_prompt}")
-        if config.sft_epochs < 1:
-            raise ValueError(f"sft_epochs must be >= 1, got {config.sft_epochs}")
-        if not callable(reward_fn):
-            raise TypeError("reward_fn must be callable")
-        super().__init__(model, tokenizer, config, dataset)
-        self.reward_fn = reward_fn
-
-    @property
-    def rows_per_step(self) -> int:
-        return self.config.prompts_per_step
+        check_config(config, at_least=dict(samples_per_prompt=1, sft_epochs=1))
+        super().__init__(model, tokenizer, config, dataset, reward_fn)
 
     def train_step(self, rows: List[Mapping[str, Any]]) -> Dict[str, float]:
         c, n = self.config, self.config.samples_per_prompt
         prompt_rows = [{k: v for k, v in r.items() if k not in ("responses", "scores")} for r in rows]
-        batch, rewards, _ = sample_and_score(self, prompt_rows, n, c.max_new_tokens, c.temperature, self.reward_fn)
+        batch, rewards, _ = self.sample_and_score(prompt_rows, n, max_new_tokens=c.max_new_tokens,
+                                                  temperature=c.temperature, reward_fn=self.reward_fn)
         groups = rewards.view(-1, n)  # [B, n]
         best_reward, best = groups.max(-1)  # first maximum on ties
         keep = torch.ones_like(best_reward, dtype=torch.bool)
@@ -92,29 +78,18 @@ class RFT(Trainer):
         kept = (torch.arange(len(rows), device=self.device) * n + best)[keep]  # rows of the batch to imitate
         data = batch.select(kept)
 
-        sums: Dict[str, float] = {}
-        n_updates = 0
-        for _ in range(c.sft_epochs if len(data) else 0):
-            order = torch.randperm(len(data)).to(self.device)
-            micro = [order[i : i + c.micro_batch_size] for i in range(0, len(data), c.micro_batch_size)]
-            for u in range(0, len(micro), c.gradient_accumulation_steps):
-                update = micro[u : u + c.gradient_accumulation_steps]
-                n_tokens = max(1, sum(int((data.labels[idx] != IGNORE_INDEX).sum()) for idx in update))
-                nll = 0.0
-                for idx in update:
-                    mb = data.select(idx)
-                    with self.autocast():
-                        hidden = self.completion_hidden(self.model, mb)  # [b, R, H]
-                        logp = self.op("token_logprobs", hidden, mb.labels)  # [b, R], 0 on padding
-                    # token-mean over the whole update, accumulated micro-batch by micro-batch
-                    loss = -logp.sum() / n_tokens
-                    loss.backward()
-                    nll += float(loss.detach())
-                sums["loss"] = sums.get("loss", 0.0) + nll
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + self.optimizer_step()
-                n_updates += 1
+        def loss_fn(idx: torch.Tensor):
+            mb = data.select(idx)
+            with self.autocast():
+                hidden = self.completion_hidden(self.model, mb)  # [b, R, H]
+                logp = self.op("token_logprobs", hidden, mb.labels)  # [b, R], 0 on padding
+            return -logp.sum() / mb.completion_mask.sum().clamp_min(1), {}
 
-        out = {key: v / n_updates for key, v in sums.items()}  # empty when nothing was kept
+        def tokens(idx: torch.Tensor) -> int:
+            return max(1, int((data.labels[idx] != IGNORE_INDEX).sum()))
+
+        # units are tokens: each update's loss is the token-mean NLL over the update
+        out = self.run_updates(len(data), loss_fn, epochs=c.sft_epochs, units=tokens)  # empty when nothing kept
         out.update(
             reward=float(rewards.mean()),
             best_reward=float(best_reward.mean()),

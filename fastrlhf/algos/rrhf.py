@@ -26,35 +26,22 @@ Implementation choices (and where they come from):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from .common import (
-    RewardFn,
-    SequenceBatch,
-    TrainConfig,
-    Trainer,
-    call_reward_fn,
-    encode_completion,
-    encode_prompt,
-    pack_sequences,
-)
-from .data import prompt_text
+from .rewards import RewardFn
+from .trainer import RolloutConfig, RolloutTrainer, check_config
 
 
 @dataclass
-class RRHFConfig(TrainConfig):
-    """RRHF hyper-parameters (paper defaults where it states them)."""
+class RRHFConfig(RolloutConfig):
+    """RRHF hyper-parameters (paper defaults where it states them; responses scored at temperature 1)."""
 
     prompts_per_step: int = 8
     """Prompts per step."""
     samples_per_prompt: int = 4
     """k: responses ranked per prompt (sampled, or the length of each row's "responses")."""
-    max_new_tokens: int = 64
-    """Longest sampled response."""
-    temperature: float = 1.0
-    """Sampling temperature (the loss scores the responses at temperature 1)."""
     rank_coef: float = 1.0
     """Weight of the ranking term (the RRHF repository's rrhf_weight)."""
     sft_coef: float = 1.0
@@ -69,55 +56,7 @@ class RRHFConfig(TrainConfig):
     """AdamW learning rate (the paper's, for Alpaca-7B)."""
 
 
-def sample_and_score(trainer: Trainer, rows: Sequence[Mapping[str, Any]], k: int, max_new_tokens: int,
-                     temperature: float, reward_fn: Optional[RewardFn],
-                     ) -> Tuple[SequenceBatch, torch.Tensor, List[int]]:
-    """``k`` responses per row (the row's ``"responses"``, else sampled) and their rewards.
-
-    Returns the packed ``[B * k]`` batch (row-major groups), the ``[B * k]`` rewards (the row's
-    ``"scores"``, else ``reward_fn``) and the completion token ids.
-    """
-    tok = trainer.tokenizer
-    prompts = [prompt_text(r, tok) for r in rows]
-    prompt_ids = [encode_prompt(tok, p) for p in prompts]
-    completions: List[Optional[List[int]]] = [None] * (len(rows) * k)
-    texts: List[Optional[str]] = [None] * (len(rows) * k)
-    to_sample = [i for i, r in enumerate(rows) if "responses" not in r]
-    for i, r in enumerate(rows):
-        if "responses" in r:
-            if len(r["responses"]) != k:
-                raise ValueError(f"row {i} has {len(r['responses'])} responses; samples_per_prompt is {k}")
-            for j, resp in enumerate(r["responses"]):
-                completions[i * k + j] = encode_completion(tok, resp)
-                texts[i * k + j] = resp
-    if to_sample:
-        sampled = trainer.generate([prompt_ids[i] for i in to_sample], num_samples=k, max_new_tokens=max_new_tokens,
-                                   temperature=temperature)
-        decoded = tok.batch_decode(sampled, skip_special_tokens=True)
-        for n, i in enumerate(to_sample):
-            for j in range(k):
-                completions[i * k + j] = sampled[n * k + j]
-                texts[i * k + j] = decoded[n * k + j]
-    rewards = torch.zeros(len(rows) * k, dtype=torch.float32, device=trainer.device)
-    unscored = []
-    for i, r in enumerate(rows):
-        if "scores" in r:
-            if len(r["scores"]) != k:
-                raise ValueError(f"row {i} has {len(r['scores'])} scores for {k} responses")
-            rewards[i * k : (i + 1) * k] = torch.as_tensor([float(s) for s in r["scores"]])
-        else:
-            unscored += range(i * k, (i + 1) * k)
-    if unscored:
-        if reward_fn is None:
-            raise ValueError("rows without 'scores' need a reward_fn")
-        rewards[unscored] = call_reward_fn(
-            reward_fn, [prompts[n // k] for n in unscored], [texts[n] for n in unscored],
-            [completions[n] for n in unscored], [rows[n // k] for n in unscored], trainer.device)
-    batch = pack_sequences([p for p in prompt_ids for _ in range(k)], completions, trainer.pad_id, trainer.device)
-    return batch, rewards, completions
-
-
-class RRHF(Trainer):
+class RRHF(RolloutTrainer):
     """RRHF of ``model`` on ``dataset`` rows: prompt-only (responses sampled) or with ``responses``.
 
     ``reward_fn(prompts=, completions=, completion_ids=, **columns) -> [float]`` (TRL's call)
@@ -130,52 +69,28 @@ class RRHF(Trainer):
     def __init__(self, model, tokenizer, dataset: Sequence[Mapping[str, Any]], reward_fn: Optional[RewardFn] = None,
                  config: Optional[RRHFConfig] = None):
         config = config or RRHFConfig()
-        if config.samples_per_prompt < 1:
-            raise ValueError(f"samples_per_prompt must be >= 1, got {config.samples_per_prompt}")
+        check_config(config, at_least=dict(samples_per_prompt=1, rank_coef=0.0, sft_coef=0.0, length_penalty=0.0))
         if config.micro_batch_size % config.samples_per_prompt:
             raise ValueError(f"micro_batch_size ({config.micro_batch_size}) must be a multiple of samples_per_prompt "
                              f"({config.samples_per_prompt}) so that each prompt's responses share a micro-batch")
-        for name in ("rank_coef", "sft_coef", "length_penalty"):
-            if getattr(config, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
-        if reward_fn is not None and not callable(reward_fn):
-            raise TypeError("reward_fn must be callable")
-        super().__init__(model, tokenizer, config, dataset)
-        self.reward_fn = reward_fn
-
-    @property
-    def rows_per_step(self) -> int:
-        return self.config.prompts_per_step
+        super().__init__(model, tokenizer, config, dataset, reward_fn, reward_fn_required=False)
 
     def train_step(self, rows: List[Mapping[str, Any]]) -> Dict[str, float]:
         c, k = self.config, self.config.samples_per_prompt
-        batch, rewards, _ = sample_and_score(self, rows, k, c.max_new_tokens, c.temperature, self.reward_fn)
-        n_groups = len(rows)
-        groups_per_micro = c.micro_batch_size // k
-        sums: Dict[str, float] = {}
-        count = 0
-        for _ in range(c.num_inner_epochs):
-            order = torch.randperm(n_groups).tolist()
-            micro = [order[i : i + groups_per_micro] for i in range(0, n_groups, groups_per_micro)]
-            for u in range(0, len(micro), c.gradient_accumulation_steps):
-                update = micro[u : u + c.gradient_accumulation_steps]
-                groups_in_update = sum(len(g) for g in update)
-                for groups in update:
-                    idx = torch.tensor([g * k + j for g in groups for j in range(k)], device=self.device)
-                    mb = batch.select(idx)
-                    with self.autocast():
-                        hidden = self.completion_hidden(self.model, mb)  # [b * k, R, H]
-                        loss, stats = self.op("rrhf_loss", hidden, mb.labels, rewards[idx], group_size=k,
-                                              rank_coef=c.rank_coef, sft_coef=c.sft_coef,
-                                              length_penalty=c.length_penalty)
-                    # mean over the update's prompts: weight each micro-batch by its share of them
-                    (loss * (len(groups) / groups_in_update)).backward()
-                    for key, v in {"loss": loss.detach(), **stats}.items():
-                        sums[key] = sums.get(key, 0.0) + float(v)
-                    count += 1
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + self.optimizer_step() * len(update)
+        batch, rewards, _ = self.sample_and_score(rows, k, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+                                                  reward_fn=self.reward_fn, offline=True)
 
-        out = {key: v / count for key, v in sums.items() if key != "num_pairs"}
+        def loss_fn(groups: torch.Tensor):  # [g] prompt indices; their k responses are rows g * k + j
+            idx = (groups[:, None] * k + torch.arange(k, device=self.device)).reshape(-1)  # [g * k]
+            mb = batch.select(idx)
+            with self.autocast():
+                hidden = self.completion_hidden(self.model, mb)  # [g * k, R, H]
+                return self.op("rrhf_loss", hidden, mb.labels, rewards[idx], group_size=k, rank_coef=c.rank_coef,
+                               sft_coef=c.sft_coef, length_penalty=c.length_penalty)
+
+        # units are prompts: each update's loss is the mean over its prompts
+        out = self.run_updates(len(rows), loss_fn, epochs=c.num_inner_epochs,
+                               micro_batch_size=c.micro_batch_size // k)
         groups = rewards.view(-1, k)
         out.update(
             reward=float(rewards.mean()),

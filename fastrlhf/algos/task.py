@@ -14,7 +14,8 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from .common import attn_implementation, encode_prompt, forward_hidden, output_head, pack_sequences
+from .batching import encode_prompt, pack_sequences
+from .models import attn_implementation, forward_hidden, output_head
 
 
 class ArithmeticTask:
