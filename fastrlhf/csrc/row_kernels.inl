@@ -75,14 +75,14 @@ FASTRLHF_VEC Elem<kDtype> store1(float f) {
 // (S. Moshier, cephes/single/expf.c): x = n ln2 + r with |r| <= ln2 / 2, degree-5 minimax
 // polynomial for exp(r), 2^n built in the exponent bits; about 1 ulp (measured by
 // tests/test_native_simd.py against fp64). Results below FLT_MIN (x < ln FLT_MIN) are 0,
-// which also maps x = -inf to exactly 0; a NaN x stays NaN (the clamps pass NaN through:
-// max(lo, NaN) = NaN, and the final compare is false for NaN).
+// which also maps x = -inf to exactly 0: no clamp at the low end, whatever the polynomial
+// makes of such x (even NaN) the final select replaces. A NaN x stays NaN (min(hi, NaN) =
+// NaN, and the final compare is false for NaN).
 FASTRLHF_VEC V vexp(V x) {
   const V lo = Isa::set1(-87.33654475f);  // ln(2^-126)
   const V hi = Isa::set1(88.0f);          // keeps 2^n finite for the (unused) x > 0 side
   const V round = Isa::set1(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer in the low bits
-  V xc = Isa::max(lo, x);
-  xc = Isa::min(hi, xc);
+  const V xc = Isa::min(hi, x);
   const V t = Isa::fmadd(xc, Isa::set1(1.44269504088896341f), round);  // n = round(x / ln2) sits in t's mantissa
   const V n = Isa::sub(t, round);
   V r = Isa::fnmadd(n, Isa::set1(0.693359375f), xc);  // ln2 split in two (Cody-Waite): n * C1 is exact
