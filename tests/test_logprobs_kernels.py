@@ -1,6 +1,7 @@
 """The Triton row kernels' work, not just their values: an ignored row (label == ignore_index)
 costs no loop iteration over the logits in the forward or the gradient pass, and the gradient
-pass's split of a row across programs (used on GPUs when there are few rows) changes no bit.
+pass's split of a row across programs (used on GPUs when there are few rows) changes no bit
+(that one runs on CUDA too).
 
 The work is counted under the Triton interpreter: every masked load / store the kernels issue
 goes through ``InterpreterBuilder``, whose calls are recorded with the addresses they touch."""
@@ -13,7 +14,7 @@ from fastrlhf._rows import torch_row_backward
 from fastrlhf.kernels import _common
 from fastrlhf.kernels import logprobs as K
 
-pytestmark = pytest.mark.skipif(not _common.interpreted(), reason="counts need the Triton interpreter")
+interpreter_only = pytest.mark.skipif(not _common.interpreted(), reason="counts need the Triton interpreter")
 
 BLOCK = 2048  # small interpreter blocks: V below spans several full blocks plus a tail
 V = 3 * BLOCK + 100
@@ -49,6 +50,7 @@ def _touching(log, kind, t, row):
     return [a for a in log if a[0] == kind and a[1].size > 1 and lo <= a[1][0] < hi]
 
 
+@interpreter_only
 @pytest.mark.parametrize("entropy", [False, True])
 def test_ignored_row_costs_no_loop_iteration(accesses, entropy):
     x3 = torch.randn(1, 2, V).to(torch.bfloat16)  # [1, N=2, V]: row 0 counts, row 1 is ignored
@@ -78,6 +80,7 @@ def test_gradient_split_changes_no_bit(monkeypatch, inplace):
     """Rows split across 2 or 3 programs (GPU launches with few rows) give the same bits as one
     program per row, with the label (one-hot) in the first, a middle, the last full block and the tail."""
     monkeypatch.setattr(K, "INTERPRET_BLOCK_V", BLOCK)
+    monkeypatch.setattr(K, "MAX_BLOCK_V", BLOCK)
     dev = "cuda" if HAS_CUDA else "cpu"
     g = torch.Generator().manual_seed(0)
     x3 = (torch.randn(1, 5, V, generator=g) * 3).to(torch.bfloat16).to(dev)
@@ -100,3 +103,23 @@ def test_gradient_split_changes_no_bit(monkeypatch, inplace):
     torch.testing.assert_close(outs[0].float(), ref, atol=1e-6, rtol=1e-2)
     hot = (0, torch.arange(4), labels[:4])  # a missed one-hot would be off by dlogp / T, not one bf16 ulp
     torch.testing.assert_close(outs[0][hot].float(), ref[hot], atol=0, rtol=2**-8)
+
+
+def test_long_row_accuracy():
+    """lse / logp / entropy of 152k-long rows stay at fp32 resolution (~1e-6 at |lse| ~ 16): the
+    forward's per-thread online state must not drift over its ~37 blocks. The tests' shared 2e-5
+    tolerance would let a systematic drift of ~1e-5 (a rescale that is not exactly 1) pass; on
+    CUDA this is the check of the compiled arithmetic (ex2.approx.ftz, FMA contraction)."""
+    dev = "cuda" if HAS_CUDA else "cpu"
+    g = torch.Generator().manual_seed(1)
+    n, v = 8, 151936
+    x3 = (torch.randn(1, n, v, generator=g) * 3).to(torch.bfloat16).to(dev)  # [1, n, V]
+    labels = torch.randint(0, v, (n,), generator=g).to(dev)
+    logp, ent, lse = (torch.empty(n, device=dev) for _ in range(3))
+    K.logprobs_forward(x3, labels, 1.0, -100, logp, ent, lse)
+    xs = x3[0].double()  # [n, V]
+    lse64 = torch.logsumexp(xs, -1)
+    ent64 = lse64 - (torch.softmax(xs, -1) * xs).sum(-1)
+    lp64 = xs.gather(1, labels[:, None])[:, 0] - lse64
+    for ours, ref in ((lse, lse64), (logp, lp64), (ent, ent64)):
+        torch.testing.assert_close(ours.double(), ref, atol=5e-6, rtol=0)
