@@ -14,6 +14,12 @@ Version awareness: each :class:`Target` carries a ``check`` that reads the insta
 object (its signature, usually) and says why it is incompatible; such targets, and targets
 the installed version does not have, are skipped with an :class:`IntegrationWarning`,
 never an exception. Only a missing package raises (``ImportError``).
+
+Idempotent and thread-safe: ``apply_patch`` and ``undo`` hold one process-wide lock, so of
+several threads patching at once exactly one replaces each target and the others skip it as
+"already patched". ``undo`` restores every recorded site and then sweeps the package's loaded
+modules once more, so a module imported while the patch was active (which copied a
+replacement by name) gets the original back too.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
+import threading
 import types
 import warnings
 from collections.abc import Callable, Sequence
@@ -31,6 +38,10 @@ __all__ = ["IntegrationWarning", "PatchHandle", "Target", "apply_patch", "param_
 
 # Set on every replacement: the object it replaced (and marks "already patched").
 ORIGINAL_ATTR = "__fastrlhf_original__"
+
+# One lock for every patch() / undo() in the process: the "already patched" check and the swap
+# must be one step, or two threads would both find the original and both replace it.
+_LOCK = threading.RLock()
 
 
 class IntegrationWarning(UserWarning):
@@ -104,6 +115,7 @@ class PatchHandle:
         self.skipped: dict[str, str] = {}
         self.sites: list[str] = []
         self._records: list[tuple[Any, str, Any, Any, bool]] = []  # (container, key, original, new, is_dict)
+        self._replacements: dict[int, tuple[Any, Any]] = {}  # id(replacement) -> (replacement, original)
         self.active = False
 
     def _record(self, container, key, original, new, is_dict: bool, site: str) -> None:
@@ -111,25 +123,31 @@ class PatchHandle:
         self.sites.append(site)
 
     def undo(self) -> None:
-        """Put every original back (idempotent). A site changed by someone else since is left alone."""
-        if not self.active:
-            return
-        for container, key, original, new, is_dict in reversed(self._records):
-            current = container.get(key) if is_dict else getattr(container, key, None)
-            if current is not new:
-                warnings.warn(
-                    f"fastrlhf: {getattr(container, '__name__', 'a dict')}[{key!r}] changed after patch(); "
-                    "left as it is",
-                    IntegrationWarning,
-                    stacklevel=2,
-                )
-                continue
-            if is_dict:
-                container[key] = original
-            else:
-                setattr(container, key, original)
-        self._records.clear()
-        self.active = False
+        """Put every original back (idempotent, thread-safe). A recorded site changed by someone else
+        since is left alone; a module of the package imported after ``patch()`` that holds a
+        replacement gets the original back as well."""
+        with _LOCK:
+            if not self.active:
+                return
+            for container, key, original, new, is_dict in reversed(self._records):
+                current = container.get(key) if is_dict else getattr(container, key, None)
+                if current is not new:
+                    warnings.warn(
+                        f"fastrlhf: {getattr(container, '__name__', 'a dict')}[{key!r}] changed after patch(); "
+                        "left as it is",
+                        IntegrationWarning,
+                        stacklevel=2,
+                    )
+                    continue
+                if is_dict:
+                    container[key] = original
+                else:
+                    setattr(container, key, original)
+            # Modules imported while the patch was active copied the replacements by name.
+            _rewrite_package(self.package, self._replacements, lambda *site: None)
+            self._records.clear()
+            self._replacements.clear()
+            self.active = False
 
     def __enter__(self) -> PatchHandle:
         return self
@@ -168,13 +186,18 @@ def apply_patch(
 ) -> PatchHandle:
     """Replace each target in every loaded module of the package ``module``; see the module docstring."""
     root = _import_root(module, label, install_hint, caller)
+    with _LOCK:
+        return _apply_patch_locked(root, targets, label)
+
+
+def _apply_patch_locked(root: types.ModuleType, targets: Sequence[Target], label: str) -> PatchHandle:
     root_name = root.__name__
     handle = PatchHandle(root_name, str(getattr(root, "__version__", "unknown")))
 
     def skip(where: str, reason: str) -> None:
         handle.skipped[where] = reason
         warnings.warn(
-            f"fastrlhf: {label} {handle.version}: {where} not patched: {reason}", IntegrationWarning, stacklevel=3
+            f"fastrlhf: {label} {handle.version}: {where} not patched: {reason}", IntegrationWarning, stacklevel=4
         )
 
     swaps: dict[int, tuple[Any, Any]] = {}  # id(original) -> (original, replacement)
@@ -203,6 +226,18 @@ def apply_patch(
         swaps[id(original)] = (original, replacement)
         handle.patched.append(where)
 
+    def record(container, key, original, new, is_dict, site):
+        handle._record(container, key, original, new, is_dict, site)
+
+    _rewrite_package(root_name, swaps, record)
+    handle._replacements = {id(new): (new, orig) for orig, new in swaps.values()}
+    handle.active = True
+    return handle
+
+
+def _rewrite_package(root_name: str, swaps: dict, record: Callable) -> None:
+    """In every loaded module of ``root_name`` (and every plain dict at module level), replace each value
+    ``v`` with ``swaps[id(v)] = (v, new)`` by ``new`` (identity, not name); ``record`` each site."""
     prefix = root_name + "."
     for name, mod in list(sys.modules.items()):
         if mod is None or not (name == root_name or name.startswith(prefix)):
@@ -214,15 +249,13 @@ def apply_patch(
             hit = swaps.get(id(value))
             if hit is not None and hit[0] is value:
                 setattr(mod, key, hit[1])
-                handle._record(mod, key, hit[0], hit[1], False, f"{name}.{key}")
+                record(mod, key, hit[0], hit[1], False, f"{name}.{key}")
             elif type(value) is dict:  # registries such as verl's POLICY_LOSS_REGISTRY
                 for k, v in list(value.items()):
                     hit = swaps.get(id(v))
                     if hit is not None and hit[0] is v:
                         value[k] = hit[1]
-                        handle._record(value, k, hit[0], hit[1], True, f"{name}.{key}[{k!r}]")
-    handle.active = True
-    return handle
+                        record(value, k, hit[0], hit[1], True, f"{name}.{key}[{k!r}]")
 
 
 def mark_replacement(replacement: Any, original: Any) -> Any:
