@@ -21,10 +21,52 @@ Logits are handled as a ``[B, T, V]`` view with arbitrary strides (2-D ``[N, V]`
 
 from __future__ import annotations
 
+import functools
 from typing import Iterator, Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
+
+ONCE_DIFFERENTIABLE_ERROR = (
+    b"fastrlhf ops are once differentiable: trying to differentiate twice a function that was marked with "
+    b"@once_differentiable (create_graph=True gives the exact first derivative; a second derivative is "
+    b"not implemented)"
+)
+
+
+def first_order_only(backward):
+    """Like ``once_differentiable``, but loud whatever the upstream and reachable from the inputs.
+
+    The backward runs without grad. Under ``create_graph=True`` every gradient returned goes through
+    one node that raises ``ONCE_DIFFERENTIABLE_ERROR`` when differentiated again; that node also hangs
+    on the saved inputs that require grad, so ``torch.autograd.grad(g, inputs)`` reaches it (with
+    ``once_differentiable`` alone the second-order term is silently absent when the upstream needs
+    no gradient, or the inputs look unused).
+    """
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *args):
+        with torch.no_grad():
+            out = backward(ctx, *args)
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return out
+        tup = out if isinstance(out, tuple) else (out,)
+        if not any(isinstance(t, torch.Tensor) for t in tup):
+            return out
+        anchors = [t for t in ctx.saved_tensors if isinstance(t, torch.Tensor) and t.requires_grad]
+
+        def fake_requires_grad(t):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                t = t.detach()
+                t.requires_grad = True
+            return t
+
+        err = torch._C._functions.DelayedError(ONCE_DIFFERENTIABLE_ERROR, len(tup) + len(anchors))
+        res = err(*[fake_requires_grad(t) for t in tup], *anchors)
+        res = res[: len(tup)]
+        return tuple(res) if isinstance(out, tuple) else res[0]
+
+    return wrapper
+
 
 # Budget for one chunk's fp32 temporaries in the torch path (a few [rows, V] buffers live
 # at once): 16 MiB keeps the peak far below the [N, V] fp32 log-softmax it replaces.
@@ -181,6 +223,10 @@ def torch_row_backward(
 
 def row_forward(backend: str, x3, labels, inv_temp, ignore_index, want_entropy):
     """``(logp [N] | None, ent [N] | None, lse [N])`` on ``backend`` (see the module docstring)."""
+    ignore_index = int(ignore_index)  # a 0-d tensor from a caller: every launcher takes a Python int
+    if torch.compiler.is_compiling():  # traced from a caller (the linear_* chunk loop): the opaque op
+        logp, ent, lse = row_forward_op(x3, labels, float(inv_temp), ignore_index, want_entropy, False, 0, backend)
+        return (logp if labels is not None else None), (ent if want_entropy else None), lse
     if backend == "triton":
         from .kernels.logprobs import logprobs_forward
 
@@ -196,6 +242,10 @@ def row_forward(backend: str, x3, labels, inv_temp, ignore_index, want_entropy):
 
 def row_backward(backend: str, x3, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, out3) -> None:
     """Writes the logits' gradient into ``out3`` on ``backend`` (see the module docstring)."""
+    ignore_index = int(ignore_index)
+    if torch.compiler.is_compiling():  # traced from a caller: the opaque op, then one copy into out3
+        out3.copy_(row_backward_op(x3, labels, lse, ent, dlogp, dent, float(inv_temp), ignore_index, backend))
+        return
     if backend == "triton":
         from .kernels.logprobs import logprobs_backward as bwd
     elif backend == "native":
@@ -231,9 +281,14 @@ def finish_row_forward(ctx, logits, lab, lse, ent, logp, *, inv_temp, ignore_ind
     return tuple(outs) if len(outs) > 1 else outs[0]
 
 
+def _functorch_wrapped(t: torch.Tensor) -> bool:
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 def row_backward_from_ctx(ctx, grads) -> Optional[torch.Tensor]:
     """The logits' gradient from the upstream ``(dlogp?, dentropy?)``; None when neither is used."""
     logits, lab, lse, ent = ctx.saved_tensors
+    lab = lab.reshape(-1).contiguous() if lab is not None else None  # [N]
     grads = list(grads)
     dlogp = grads.pop(0) if ctx.want[0] else None
     dent = grads.pop(0) if ctx.want[1] else None
@@ -241,6 +296,14 @@ def row_backward_from_ctx(ctx, grads) -> Optional[torch.Tensor]:
         return None
     dlogp = dlogp.reshape(-1).to(lse.dtype).contiguous() if dlogp is not None else None  # [N]
     dent = dent.reshape(-1).to(lse.dtype).contiguous() if dent is not None else None  # [N]
+    if _functorch_wrapped(logits):
+        # Under torch.func.grad the saved tensors are wrappers without storage: go through the custom
+        # ops, which the dispatcher unwraps for us.
+        args = (lab, lse, ent, dlogp, dent, ctx.inv_temp, int(ctx.ignore_index), ctx.backend)
+        if ctx.inplace_backward:
+            row_backward_inplace_op(logits, *args)
+            return logits
+        return row_backward_op(logits, *args)
     if ctx.inplace_backward:
         dlogits = logits  # the gradient overwrites the logits' own storage
     else:
@@ -255,25 +318,186 @@ def row_backward_from_ctx(ctx, grads) -> Optional[torch.Tensor]:
 
 
 class RowLogprobsEntropy(torch.autograd.Function):
-    """``(logp [N]?, entropy [N]?)`` per row of ``logits``; only ``[N]`` tensors are saved.
+    """``(logp [N]?, entropy [N]?)`` per row of ``logits``; only ``[N]`` tensors are saved (eager path).
 
     Backward is one gradient pass over the logits (first derivatives only: a second
     differentiation raises autograd's ``once_differentiable`` error instead of a wrong value).
+    ``forward`` takes no ``ctx`` (``setup_context`` does the saving), which ``torch.func.grad``
+    needs; ``vmap`` folds the mapped dimension into the rows (every row is independent).
+    Under ``torch.compile`` the public ops call :func:`compiled_row_values` instead.
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, temperature, ignore_index, want_logp, want_entropy, inplace_backward, backend):
+    def forward(logits, labels, temperature, ignore_index, want_logp, want_entropy, inplace_backward, backend):
         x3 = as_rows3d(logits)  # [B, T, V] view
         if inplace_backward:
             check_inplace(logits)
         lab = labels.reshape(-1).contiguous() if labels is not None else None  # [N]
-        inv_temp = 1.0 / temperature
-        logp, ent, lse = row_forward(backend, x3, lab, inv_temp, ignore_index, want_entropy)
-        return finish_row_forward(ctx, logits, lab, lse, ent, logp, inv_temp=inv_temp, ignore_index=ignore_index,
-                                  inplace_backward=inplace_backward, backend=backend, want_logp=want_logp,
-                                  want_entropy=want_entropy)
+        logp, ent, lse = row_forward(backend, x3, lab, 1.0 / temperature, ignore_index, want_entropy)
+        return (*([logp] if want_logp else []), *([ent] if want_entropy else []), lse)
 
     @staticmethod
-    @once_differentiable
+    def setup_context(ctx, inputs, output):
+        logits, labels, temperature, ignore_index, want_logp, want_entropy, inplace_backward, backend = inputs
+        lse = output[-1]
+        ent = output[int(want_logp)] if want_entropy else None
+        ctx.mark_non_differentiable(lse)
+        # Only inputs and outputs are saved (torch.func's rule): the labels, reshaped again in backward.
+        finish_row_forward(ctx, logits, labels, lse, ent, None, inv_temp=1.0 / temperature,
+                           ignore_index=ignore_index, inplace_backward=inplace_backward, backend=backend,
+                           want_logp=want_logp, want_entropy=want_entropy)
+
+    @staticmethod
+    @first_order_only
     def backward(ctx, *grads):
-        return (row_backward_from_ctx(ctx, grads),) + (None,) * 7
+        return (row_backward_from_ctx(ctx, grads[:-1]),) + (None,) * 7
+
+    @staticmethod
+    def vmap(info, in_dims, logits, labels, temperature, ignore_index, want_logp, want_entropy, inplace_backward,
+             backend):
+        # Rows are independent: the mapped dimension becomes one more leading (row) dimension.
+        def front(t, d):
+            if t is None:
+                return None
+            return t.movedim(d, 0) if d is not None else t.unsqueeze(0).expand(info.batch_size, *t.shape)
+
+        out = RowLogprobsEntropy.apply(front(logits, in_dims[0]), front(labels, in_dims[1]), temperature,
+                                       ignore_index, want_logp, want_entropy, inplace_backward, backend)
+        return tuple(t.view(info.batch_size, -1) for t in out), (0,) * len(out)  # [batch, N] each
+
+
+class EagerRowLogprobsEntropy(RowLogprobsEntropy):
+    """:class:`RowLogprobsEntropy` in the classic style (``forward`` takes ``ctx``), for calls outside
+    ``torch.func`` transforms: ``Function.apply`` binds a ``setup_context``-style forward's arguments
+    with ``inspect.signature`` on every call (tens of microseconds)."""
+
+    setup_context = torch.autograd.Function.setup_context
+
+    @staticmethod
+    def forward(ctx, *args):
+        out = RowLogprobsEntropy.forward(*args)
+        RowLogprobsEntropy.setup_context(ctx, args, out)
+        return out
+
+
+def row_values_function():
+    """The autograd Function to call now: the ``torch.func``-ready one under a transform, else the fast one."""
+    return RowLogprobsEntropy if torch._C._are_functorch_transforms_active() else EagerRowLogprobsEntropy
+
+
+def unpack_row_values(out, want_logp: bool, want_entropy: bool):
+    """The user-facing outputs (``logp``, ``entropy`` or both) of :class:`RowLogprobsEntropy` /
+    :func:`compiled_row_values`."""
+    n = int(want_logp) + int(want_entropy)
+    return tuple(out[:n]) if n > 1 else out[0]
+
+
+# ----------------------------------------------------------------------------------------
+# torch.compile: the row primitives as opaque custom ops (fake shapes + autograd)
+# ----------------------------------------------------------------------------------------
+# Eager calls keep the autograd Function above (a custom op's Python dispatch costs ~0.1 ms a
+# call, a third of a small CPU step). Under torch.compile the public ops call these instead: dynamo
+# cannot look through the native extension (raw pointers) or the Triton launch, but it can place
+# an opaque op with a fake implementation in the graph, and AOTAutograd differentiates it with
+# the autograd formula registered below, i.e. the same row_backward.
+
+_EMPTY = (0,)
+
+
+def _range_error(labels: torch.Tensor, V: int, ignore_index: int) -> Optional[str]:
+    bad = ((labels < 0) | (labels >= V)) & (labels != ignore_index)
+    if labels.numel() and bool(bad.any()):
+        return f"labels contains {int(labels[bad][0])}, outside [0, {V}) and not ignore_index={ignore_index}"
+    return None
+
+
+@torch.library.custom_op("fastrlhf::row_forward", mutates_args=())
+def row_forward_op(logits: torch.Tensor, labels: Optional[torch.Tensor], inv_temp: float, ignore_index: int,
+                   want_entropy: bool, inplace_backward: bool, vocab: int,
+                   backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logp [N] | [0], ent [N] | [0], lse [N])`` of :func:`row_forward` (``[0]`` for an output not asked
+    for). The label range check runs here, on real data (the compiled caller cannot look at values):
+    ``vocab`` is the global vocabulary size the labels index; 0 skips the check (labels already
+    checked by the caller, or a vocabulary shard's, whose other shards' ids are legal)."""
+    if labels is not None and vocab > 0:
+        msg = _range_error(labels, vocab, ignore_index)
+        if msg is not None:
+            raise ValueError(msg)
+    logp, ent, lse = row_forward(backend, as_rows3d(logits), labels, inv_temp, ignore_index, want_entropy)
+    empty = lse.new_empty(_EMPTY)
+    return (logp if logp is not None else empty), (ent if ent is not None else empty.clone()), lse
+
+
+@row_forward_op.register_fake
+def _row_forward_fake(logits, labels, inv_temp, ignore_index, want_entropy, inplace_backward, vocab, backend):
+    N = logits.numel() // logits.shape[-1] if logits.shape[-1] else 0
+    dt = out_dtype(logits)
+    lse = logits.new_empty((N,), dtype=dt)  # [N]
+    logp = logits.new_empty((N,) if labels is not None else _EMPTY, dtype=dt)
+    ent = logits.new_empty((N,) if want_entropy else _EMPTY, dtype=dt)
+    return logp, ent, lse
+
+
+@torch.library.custom_op("fastrlhf::row_backward", mutates_args=())
+def row_backward_op(logits: torch.Tensor, labels: Optional[torch.Tensor], lse: torch.Tensor,
+                    ent: Optional[torch.Tensor], dlogp: Optional[torch.Tensor], dent: Optional[torch.Tensor],
+                    inv_temp: float, ignore_index: int, backend: str) -> torch.Tensor:
+    """The logits' gradient (a new tensor) of :func:`row_backward`."""
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)  # [..., V]
+    row_backward(backend, as_rows3d(logits), labels, lse, ent, dlogp, dent, inv_temp, ignore_index, as_rows3d(out))
+    return out
+
+
+@row_backward_op.register_fake
+def _row_backward_fake(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, backend):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("fastrlhf::row_backward_inplace", mutates_args=("logits",))
+def row_backward_inplace_op(logits: torch.Tensor, labels: Optional[torch.Tensor], lse: torch.Tensor,
+                            ent: Optional[torch.Tensor], dlogp: Optional[torch.Tensor], dent: Optional[torch.Tensor],
+                            inv_temp: float, ignore_index: int, backend: str) -> None:
+    """:func:`row_backward` into the logits' own storage (``inplace_backward=True``); the op declares
+    the mutation, so the logits' version counter moves and other consumers see it."""
+    x3 = as_rows3d(logits)
+    row_backward(backend, x3, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, x3)
+
+
+def _row_forward_setup(ctx, inputs, output):
+    logits, labels, inv_temp, ignore_index, want_entropy, inplace_backward, vocab, backend = inputs
+    _, ent, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(logits, labels, lse, ent if want_entropy else None)
+    ctx.inv_temp, ctx.ignore_index, ctx.backend = inv_temp, ignore_index, backend
+    ctx.has_labels, ctx.inplace_backward = labels is not None, inplace_backward
+
+
+def _row_forward_backward(ctx, dlogp, dent, _dlse):
+    logits, labels, lse, ent = ctx.saved_tensors
+    dlogp = dlogp if ctx.has_labels else None
+    dent = dent if ent is not None else None
+    if dlogp is None and dent is None:
+        return (None,) * 8
+    dlogp = dlogp.to(lse.dtype).contiguous() if dlogp is not None else None  # [N]
+    dent = dent.to(lse.dtype).contiguous() if dent is not None else None  # [N]
+    args = (labels, lse, ent, dlogp, dent, ctx.inv_temp, ctx.ignore_index, ctx.backend)
+    if ctx.inplace_backward:
+        row_backward_inplace_op(logits, *args)
+        grad = logits
+    else:
+        grad = row_backward_op(logits, *args)
+    return (grad,) + (None,) * 7
+
+
+row_forward_op.register_autograd(_row_forward_backward, setup_context=_row_forward_setup)
+
+
+def compiled_row_values(logits, labels, temperature, ignore_index, want_logp, want_entropy, inplace_backward,
+                        backend, vocab):
+    """:class:`RowLogprobsEntropy`'s outputs through the custom ops (the ``torch.compile`` path)."""
+    if inplace_backward:
+        check_inplace(logits)
+    lab = labels.reshape(-1).contiguous() if labels is not None else None  # [N]
+    logp, ent, lse = row_forward_op(logits, lab, 1.0 / temperature, int(ignore_index), want_entropy,
+                                    inplace_backward, int(vocab), backend)
+    return (*([logp] if want_logp else []), *([ent] if want_entropy else []), lse)

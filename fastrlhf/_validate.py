@@ -47,14 +47,27 @@ def check_labels(
         raise ValueError(
             f"{name} must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
         )
+    check_ignore_index(ignore_index)
     V = logits.shape[-1] if vocab_size is None else vocab_size
     if labels.numel() == 0:
         return
+    if torch.compiler.is_compiling():
+        # A data-dependent branch would break the graph: under torch.compile the row op checks the
+        # range itself, on the real labels (fastrlhf._rows.row_forward_op).
+        return
     # One N-sized check (a device sync on GPU) that keeps every kernel's label read in bounds.
+    labels = functorch_unwrapped(labels)  # under vmap / func.grad: the values of every mapped slice
     bad = ((labels < 0) | (labels >= V)) & (labels != ignore_index)
     if bool(bad.any()):
         value = int(labels[bad].flatten()[0])
         raise ValueError(f"{name} contains {value}, outside [0, {V}) and not ignore_index={ignore_index}")
+
+
+def functorch_unwrapped(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor under ``torch.func`` wrappers (vmap's batched tensors hold every slice)."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
 
 
 def check_token_tensor(
@@ -79,10 +92,14 @@ def check_token_tensor(
         raise ValueError(f"{name} is on {t.device} but labels are on {like.device}")
     if tuple(t.shape) == tuple(like.shape):
         return
-    if allow_per_sequence and like.dim() >= 2 and tuple(t.shape) == tuple(like.shape[:1]):
+    # Per sequence means one value per row of [B, T] labels; with 3-D labels [B1, B2, T] a 1-D
+    # tensor would be ambiguous (B1 or B1 * B2 sequences), so only per-token values are taken there.
+    per_seq = allow_per_sequence and like.dim() == 2
+    if per_seq and tuple(t.shape) == tuple(like.shape[:1]):
         return
-    want = f"{tuple(like.shape)}" + (f" or {tuple(like.shape[:1])}" if allow_per_sequence and like.dim() >= 2 else "")
-    raise ValueError(f"{name} must have the shape of labels {want}, got {tuple(t.shape)}")
+    want = f"{tuple(like.shape)}" + (f" or {tuple(like.shape[:1])}" if per_seq else "")
+    extra = " (per-sequence values need 2-D [B, T] labels)" if allow_per_sequence and like.dim() > 2 else ""
+    raise ValueError(f"{name} must have the shape of labels {want}{extra}, got {tuple(t.shape)}")
 
 
 def check_dpo_refs(ref_chosen_logps, ref_rejected_logps, B: int, device: torch.device) -> None:

@@ -25,9 +25,15 @@ from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 
-from ._rows import as_rows3d, check_inplace, finish_row_forward, row_backward_from_ctx, row_forward
+from ._rows import (
+    as_rows3d,
+    check_inplace,
+    finish_row_forward,
+    first_order_only,
+    row_backward_from_ctx,
+    row_forward,
+)
 
 __all__ = ["shard_offset", "VocabParallelLogprobsEntropy"]
 
@@ -97,7 +103,7 @@ class VocabParallelLogprobsEntropy(torch.autograd.Function):
                                   want_entropy=want_entropy)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, *grads):
         return (row_backward_from_ctx(ctx, grads),) + (None,) * 9
 

@@ -19,8 +19,8 @@ from typing import Optional, Tuple
 import torch
 
 from ._backend import resolve_backend
-from ._rows import RowLogprobsEntropy
-from ._validate import check_labels, check_logits, check_temperature
+from ._rows import compiled_row_values, row_values_function, unpack_row_values
+from ._validate import check_ignore_index, check_labels, check_logits, check_temperature
 
 __all__ = ["token_logprobs", "token_logprobs_and_entropy", "entropy", "prepare", "token_values"]
 
@@ -48,10 +48,17 @@ def token_values(logits, labels, temperature, ignore_index, want_logp, want_entr
                  process_group=None, offset=0):
     """``logp`` / ``entropy`` / both, shaped like ``logits.shape[:-1]``, from full logits or from this
     rank's vocabulary shard. Inputs already checked by :func:`prepare`."""
-    if process_group is None:
-        out = RowLogprobsEntropy.apply(
+    ignore_index = check_ignore_index(ignore_index)  # a 0-d tensor becomes an int for every backend
+    if process_group is None and torch.compiler.is_compiling():
+        # Opaque custom ops with fake shapes and registered autograd (fastrlhf._rows): traceable.
+        vocab = logits.shape[-1]
+        out = unpack_row_values(compiled_row_values(logits, labels, temperature, ignore_index, want_logp,
+                                                    want_entropy, inplace_backward, backend, vocab),
+                                want_logp, want_entropy)
+    elif process_group is None:
+        out = unpack_row_values(row_values_function().apply(
             logits, labels, temperature, ignore_index, want_logp, want_entropy, inplace_backward, backend
-        )
+        ), want_logp, want_entropy)
     else:
         from .distributed import vocab_parallel_token_values
 

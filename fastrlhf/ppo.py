@@ -74,6 +74,10 @@ def kl_estimate(
 def _check_mask_values(mask: Optional[torch.Tensor]) -> None:
     if mask is None or mask.dtype == torch.bool:
         return
+    if torch.compiler.is_compiling():
+        # No host branch on data in a graph: an in-graph assertion, raised when the graph runs.
+        torch._assert_async(((mask == 0) | (mask == 1)).all(), "mask must hold only 0 and 1 (or be bool)")
+        return
     # One [B, T] check (a host sync, like the label range check): a fractional or negative mask
     # would otherwise count as 1.
     if bool(((mask != 0) & (mask != 1)).any()):

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Sequence
 
 import torch
-from torch.autograd.function import once_differentiable
+
+from ._rows import first_order_only
 
 __all__ = [
     "LOSS_AGG_MODES", "KL_ESTIMATORS", "LOG_RATIO_CLAMP", "float_dtype", "as_batch_time", "counted_tokens",
@@ -211,14 +212,18 @@ class KnownGradLoss(torch.autograd.Function):
     the inputs' half precision: GradScaler's 65536 overflows fp16) and casts once."""
 
     @staticmethod
-    def forward(ctx, value, grads, *inputs):
-        ctx.grads = grads
-        ctx.shapes = [None if t is None else (t.shape, t.dtype) for t in inputs]
-        ctx.set_materialize_grads(False)
+    def forward(value, grads, *inputs):
         return value.detach().clone()
 
     @staticmethod
-    @once_differentiable
+    def setup_context(ctx, inputs, output):  # forward without ctx: torch.func.grad can trace it
+        _, grads, *tensors = inputs
+        ctx.grads = grads
+        ctx.shapes = [None if t is None else (t.shape, t.dtype) for t in tensors]
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    @first_order_only
     def backward(ctx, dloss):
         out = []
         for g, meta in zip(ctx.grads, ctx.shapes):
@@ -231,6 +236,18 @@ class KnownGradLoss(torch.autograd.Function):
                 g = g.sum(-1) if g.dim() == 2 and len(shape) == 1 else g.reshape(shape)
             out.append(g.to(dtype))
         return (None, None, *out)
+
+
+class _EagerKnownGradLoss(KnownGradLoss):
+    """:class:`KnownGradLoss` with a classic ``forward(ctx, ...)``: outside ``torch.func`` transforms this
+    skips ``Function.apply``'s per-call ``inspect.signature`` binding of a ``setup_context`` forward."""
+
+    setup_context = torch.autograd.Function.setup_context
+
+    @staticmethod
+    def forward(ctx, value, grads, *inputs):
+        KnownGradLoss.setup_context(ctx, (value, grads, *inputs), None)
+        return KnownGradLoss.forward(value, grads, *inputs)
 
 
 def policy_stats(ratio, clipped, kl, logp, old, entropy, counted) -> Dict[str, torch.Tensor]:
@@ -295,7 +312,9 @@ def policy_loss_from_logprobs(
     grads = [terms.d_logp, terms.d_entropy, terms.d_old, terms.d_adv, terms.d_ref]
     grads = [None if (t is None or not t.requires_grad) else g for t, g in zip(inputs, grads)]
     if any(g is not None for g in grads):
-        loss = KnownGradLoss.apply(terms.loss, grads, *inputs)
+        # Inputs without a gradient go in as None (the same tensor twice, e.g. ref = old, would stop dynamo).
+        fn = KnownGradLoss if torch._C._are_functorch_transforms_active() else _EagerKnownGradLoss
+        loss = fn.apply(terms.loss, grads, *[t if g is not None else None for t, g in zip(inputs, grads)])
     else:
         loss = terms.loss
     return loss, stats
