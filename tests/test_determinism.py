@@ -1,4 +1,4 @@
-"""Determinism (issue 9): the same inputs give bitwise-identical values and gradients.
+"""Determinism (docs/robustness.md, "Determinism"): the same inputs give bitwise-identical values and gradients.
 
 Checked on every backend, for every public op, through the harness of ``test_robustness``:
 

@@ -1,4 +1,4 @@
-"""Property-based fuzzing (hypothesis) of every public op against ``fastrlhf.reference`` (issue 9).
+"""Property-based fuzzing (hypothesis) of every public op against ``fastrlhf.reference`` (docs/robustness.md).
 
 Each property draws a small case (shapes, dtypes, masks, ignored tokens, temperatures, loss
 options) and a seed for the tensors, runs the op on one backend and the reference in fp64 on

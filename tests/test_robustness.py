@@ -1,4 +1,4 @@
-"""Hostile inputs and huge shapes on every public op and every backend (issue 9).
+"""Hostile inputs and huge shapes on every public op and every backend (docs/robustness.md).
 
 What each case must produce is written down in ``docs/robustness.md``; this file is its
 executable form. Every op of the public API is driven through one harness (``run``), on every
@@ -15,8 +15,8 @@ backend of ``conftest.backends()`` (Triton under the interpreter on CPU, so shap
 - N x V past 2^31 elements (int64 offsets) on CPU through zero-stride views, V = 262144, and a
   CUDA test (``@pytest.mark.gpu``) with real memory for Triton.
 
-Known bugs are pinned with ``xfail(strict=True)``: the test states the wanted behaviour and
-starts failing (XPASS) once the bug is fixed, so that the marker gets removed.
+Every test states the wanted behaviour; the hostile uses of the API itself (in-place
+backward, non-finite hyper-parameters, torch.compile, ...) are in ``tests/test_hostile.py``.
 """
 
 from __future__ import annotations
@@ -195,25 +195,6 @@ def pair_rows(t, pair):
     return t[keep]
 
 
-def xfail_if(cond, reason):
-    return pytest.mark.xfail(cond, reason=reason, strict=True)
-
-
-# Bugs found by this file (see docs/robustness.md, "Known bugs"). ``strict``: fixing one makes
-# its test XPASS and fail until the marker is removed.
-BUG_MASKED_NAN = (
-    "ops.ppo_clip_loss (native/torch) and linear_ppo_clip_loss compute logp for mask=0 tokens and "
-    "multiply by a zero weight: NaN * 0 = NaN reaches the loss and that token's gradient. Fix: treat "
-    "mask=0 as ignore_index before the row pass (labels.masked_fill(~mask.bool(), ignore_index))"
-)
-BUG_DPO_EMPTY = "dpo_loss with B = 0 pairs returns a NaN loss and NaN stats (mean over no pairs); want 0"
-BUG_DPO_REF_DEVICE = "dpo_loss does not check the device of ref_chosen_logps / ref_rejected_logps"
-BUG_TRITON_IMPORT_ORDER = (
-    "with triton imported before fastrlhf on a machine without CUDA, backend='triton' fails inside the "
-    "interpreter ('Cannot call @triton.jit'd outside of the scope of a kernel') instead of a clear error"
-)
-
-
 # ----------------------------------------------------------------------------------------
 # Non-finite logits: confined to their own token
 # ----------------------------------------------------------------------------------------
@@ -289,16 +270,8 @@ def test_nan_in_an_ignored_token_changes_nothing(backend, op):
         assert (grads["logits"][IGNORED] == 0).all()
 
 
-def _masked_nan_params():
-    out = []
-    for backend in BACKENDS:
-        for op in PPO_OPS:
-            buggy = False  # fixed: mask=0 tokens become ignore_index before the row pass
-            out.append(pytest.param(backend, op, marks=xfail_if(buggy, BUG_MASKED_NAN), id=f"{backend}-{op}"))
-    return out
-
-
-@pytest.mark.parametrize("backend,op", _masked_nan_params())
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", PPO_OPS)
 def test_nan_in_a_masked_token_changes_nothing(backend, op):
     """mask = 0 means "does not count", like ignore_index: a NaN logit there (e.g. a padding
     position after a fully masked attention row) must not reach the loss or any gradient."""
@@ -372,18 +345,9 @@ def test_every_token_uncounted(backend, op, how):
 # ----------------------------------------------------------------------------------------
 
 
-def _empty_params():
-    out = []
-    for backend in BACKENDS:
-        for op in ALL_OPS:
-            for kind in ("no_sequences", "no_tokens"):
-                buggy = False  # fixed: no pairs give loss and stats 0
-                out.append(pytest.param(backend, op, kind, marks=xfail_if(buggy, BUG_DPO_EMPTY),
-                                        id=f"{backend}-{op}-{kind}"))
-    return out
-
-
-@pytest.mark.parametrize("backend,op,kind", _empty_params())
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ALL_OPS)
+@pytest.mark.parametrize("kind", ["no_sequences", "no_tokens"])
 def test_empty_batch(backend, op, kind):
     """B = 0 (no sequences) or T = 0 (no tokens): N = 0. Empty per-token outputs, zero losses,
     gradients of the right shape (zeros for the weight and bias), no NaN, no crash."""
@@ -838,13 +802,6 @@ def test_triton_imported_before_fastrlhf():
 # Log-ratios beyond the +-20 clamp (stale old_logprobs, a diverged policy)
 # ----------------------------------------------------------------------------------------
 
-BUG_APPROX_KL_CLAMP = (
-    "approx_kl stat beyond |logp - old| > 20: the reference (and so native/torch) computes "
-    "exp(clamp(r)) - r - 1 with the unclamped r, the Triton kernel's stats exp(clamp(r)) - clamp(r) - 1 "
-    "(= kl_estimate k3, which clamps r for both terms); they differ by |r| - 20 per token"
-)
-
-
 @pytest.mark.parametrize(
     "backend", BACKENDS
 )
@@ -866,13 +823,6 @@ def test_log_ratio_beyond_the_clamp(backend):
 # ----------------------------------------------------------------------------------------
 # Half-precision per-token inputs
 # ----------------------------------------------------------------------------------------
-
-BUG_KL_HALF = (
-    "ops.kl_estimate computes in the input dtype and returns it: bf16 log-probs give k3 = 0 for "
-    "|r| < 0.03 (true r^2 / 2 ~ 1e-4) and a bf16 result, against 'accumulates in fp32 and returns fp32'. "
-    "Fix: upcast logp / ref_logp to fp32 (fp64 stays fp64) before reference.kl_estimate"
-)
-
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kl_estimate_of_half_precision_logprobs(dtype):
