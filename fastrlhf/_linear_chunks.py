@@ -11,9 +11,8 @@ from collections.abc import Iterator
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from ._rows import out_dtype, row_backward, row_forward
+from ._rows import first_order_only, out_dtype, row_backward, row_forward
 
 # Budget for one [chunk, V] logits block and the fp32 work of the row primitives on it,
 # counted as chunk * V * (logits bytes + 4). 256 MiB on GPU gives 294 rows at Qwen2.5's
@@ -65,10 +64,91 @@ def _put(dst: torch.Tensor, rows: Optional[torch.Tensor], r0: int, r1: int, src:
         dst.index_copy_(0, rows[r0:r1], src.to(dst.dtype))
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+# Does this device's torch.mm take out_dtype=torch.float32 for bf16/fp16 inputs (an fp32-accumulating
+# GEMM whose result is never rounded to the input dtype)? CUDA: yes in recent torch; CPU (torch 2.13):
+# no ("Could not run 'aten::mm.dtype' with arguments from the 'CPU' backend"). Probed once per device type.
+_OUT_DTYPE_MM: dict = {}
+
+
+def _has_out_dtype_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    key = (device.type, dtype)
+    if key not in _OUT_DTYPE_MM:
+        ok = False
+        if device.type == "cuda":
+            try:
+                a = torch.ones(1, 1, dtype=dtype, device=device)
+                ok = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+            except (TypeError, RuntimeError, NotImplementedError):
+                ok = False
+        _OUT_DTYPE_MM[key] = ok
+    return _OUT_DTYPE_MM[key]
+
+
+def _vocab_block(n: int, V: int, H: int) -> int:
+    """Vocabulary rows per upcast ``[vb, H]`` fp32 weight block: never larger than the ``[n, V]`` logits block."""
+    return max(1, min(V, (n * V) // max(1, H)))
+
+
 def _chunk_logits(h_c: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    if bias is None:
-        return h_c @ weight.T  # [n, V]: the only vocabulary-sized tensor alive
-    return torch.addmm(bias, h_c, weight.T)  # [n, V]
+    """``h_c @ weight.T + bias`` as ``[n, V]``: the only vocabulary-sized tensor alive.
+
+    fp32 / fp64 inputs: that dtype. bf16 / fp16 inputs: fp32 logits from an fp32-accumulating
+    GEMM, never rounded to the input dtype (RL's "fp32 lm_head" precision): ``torch.mm(...,
+    out_dtype=torch.float32)`` (tensor cores) where the device has it, else the hidden chunk and
+    one ``[vb, H]`` block of the weight at a time upcast to fp32 (exact products, fp32 sums; on
+    CPUs without bf16 GEMM units this is also the fast route).
+    """
+    if weight.dtype not in LOW_PRECISION:
+        if bias is None:
+            return h_c @ weight.T  # [n, V]
+        return torch.addmm(bias, h_c, weight.T)  # [n, V]
+    n, H = h_c.shape
+    V = weight.shape[0]
+    if _has_out_dtype_mm(h_c.device, weight.dtype):
+        x = torch.mm(h_c, weight.T, out_dtype=torch.float32)  # [n, V] fp32
+    else:
+        x = torch.empty(n, V, dtype=torch.float32, device=h_c.device)  # [n, V] fp32
+        hf = h_c.float()  # [n, H]
+        vb = _vocab_block(n, V, H)
+        for v0 in range(0, V, vb):
+            x[:, v0 : v0 + vb] = hf @ weight[v0 : v0 + vb].float().T  # [n, vb]
+    if bias is not None:
+        x += bias.float()
+    return x
+
+
+def _grad_matmuls(g: torch.Tensor, h_c: torch.Tensor, weight: torch.Tensor, want_dh: bool, dW, db):
+    """``(dh_c [n, H] fp32 or None)`` and ``dW += g^T h_c``, ``db += sum(g)`` for an fp32 logits gradient
+    ``g [n, V]`` of bf16/fp16 parameters (the ``_chunk_logits`` fp32 route).
+
+    With ``out_dtype`` GEMMs: ``g`` rounded once to the parameters' dtype (the precision of the
+    logits path's gradient), then fp32-accumulating bf16 GEMMs. Otherwise: ``g`` stays fp32 and the
+    weight is upcast one ``[vb, H]`` block at a time (temporaries no larger than the logits block).
+    """
+    n, V = g.shape
+    H = h_c.shape[1]
+    if db is not None:
+        db += g.sum(0, dtype=torch.float32).to(db.dtype)
+    if _has_out_dtype_mm(g.device, weight.dtype):
+        gl = g.to(weight.dtype)  # [n, V] rounded once
+        dh = torch.mm(gl, weight, out_dtype=torch.float32) if want_dh else None  # [n, H]
+        if dW is not None:
+            vb = _vocab_block(n, V, H)
+            for v0 in range(0, V, vb):
+                dW[v0 : v0 + vb] += torch.mm(gl[:, v0 : v0 + vb].T, h_c, out_dtype=torch.float32)  # [vb, H]
+        return dh
+    dh = torch.zeros(n, H, dtype=torch.float32, device=g.device) if want_dh else None  # [n, H]
+    hf = h_c.float() if dW is not None else None  # [n, H]
+    vb = _vocab_block(n, V, H)
+    for v0 in range(0, V, vb):
+        gv = g[:, v0 : v0 + vb]  # [n, vb] view
+        if want_dh:
+            dh.addmm_(gv, weight[v0 : v0 + vb].float())  # [n, H]
+        if dW is not None:
+            dW[v0 : v0 + vb] += gv.T @ hf  # [vb, H] fp32
+    return dh
 
 
 def _accumulate_param_grads(
@@ -128,6 +208,14 @@ def _grad_buffers(hidden, weight, bias, rows, need, accum_dtype):
 
 def _chunk_param_grads(g, h_c, weight, rows, r0, r1, dh, dW, db) -> None:
     """Given the chunk's logits gradient ``g [n, V]``: ``dh_c = g @ W``, ``dW += g^T h_c``, ``db += sum(g)``."""
+    if g.dtype != weight.dtype:  # fp32 gradient of the fp32 logits of a bf16/fp16 model
+        d = _grad_matmuls(g, h_c, weight, dh is not None, dW, db)
+        if d is not None:
+            if rows is None:
+                dh[r0:r1] = d
+            else:
+                dh.index_copy_(0, rows[r0:r1], d.to(dh.dtype))
+        return
     if dh is not None:
         if rows is None:
             torch.mm(g, weight, out=dh[r0:r1])  # [n, H]
@@ -190,7 +278,7 @@ class LinearLogprobsEntropy(torch.autograd.Function):
         return logp, ent
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dlogp, dent):
         hidden, weight, bias, labels, rows, lse, ent = ctx.saved_tensors
         if not ctx.want_entropy:
@@ -270,7 +358,7 @@ class LinearTokenSeparableLoss(torch.autograd.Function):
         return loss, logp, ent
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dloss, _dlogp, _dent):
         dh, dW, db = ctx.saved_tensors
         none = (None,) * 8

@@ -35,12 +35,18 @@ Algorithm (``LinearLogprobsEntropy``):
 Shapes: ``hidden [..., H]`` (2-D ``[N, H]`` or 3-D ``[B, T, H]``, any strides), ``weight [V, H]``,
 ``bias [V]``, ``labels [...] = hidden.shape[:-1]``.
 
-Dtypes: ``hidden``, ``weight`` and ``bias`` share one dtype (fp32 / bf16 / fp16, or fp64); the
-logits block is computed in that dtype, exactly as ``hidden @ weight.T`` would be. Under
-``torch.autocast`` the three are cast to the autocast dtype first (as autocast's own matmul
-would). Per-token outputs are fp32 (fp64 for fp64 inputs). The weight (and bias) gradient is
-accumulated over chunks in fp32 by default (``accum_dtype=``): summing many per-chunk
-contributions in bf16 is a known cause of training divergence.
+Dtypes: ``hidden``, ``weight`` and ``bias`` share one dtype (fp32 / bf16 / fp16, or fp64). For
+bf16 / fp16 inputs the logits block is fp32 from an fp32-accumulating GEMM and is never rounded
+to the input dtype (the "fp32 lm_head" precision RL trainers ask for: TRL's
+``cast_lm_head_to_fp32``, vLLM's fp32 head): ``torch.mm(..., out_dtype=torch.float32)`` on CUDA,
+an upcast of the hidden chunk and of one ``[vb, H]`` weight block at a time elsewhere
+(``_linear_chunks._chunk_logits``). In backward the fp32 logits gradient is rounded once to the
+input dtype before the two bf16 GEMMs (fp32-accumulating, ``out_dtype``) on CUDA, and kept fp32
+against upcast weight blocks on CPU. fp32 / fp64 inputs: logits in that dtype, as ``hidden @
+weight.T``. Under ``torch.autocast`` the three are cast to the autocast dtype first (as
+autocast's own matmul would). Per-token outputs are fp32 (fp64 for fp64 inputs). The weight
+(and bias) gradient is accumulated over chunks in fp32 by default (``accum_dtype=``): summing
+many per-chunk contributions in bf16 is a known cause of training divergence.
 
 Memory, beyond the inputs: forward one ``[chunk, V]`` logits block plus the row primitive's
 bounded temporaries, and ``[N]`` saved values; backward the same block (the gradient
@@ -65,7 +71,7 @@ from ._backend import resolve_backend
 from ._linear_chunks import LinearLogprobsEntropy, LinearTokenSeparableLoss, default_chunk_size
 from ._rows import out_dtype
 from ._validate import FLOAT_DTYPES, check_dpo_refs, check_ignore_index, check_labels, check_temperature
-from .dpo import check_dpo_args, pair_loss, sequence_logps
+from .dpo import check_dpo_args, pair_loss, sequence_logps, with_nll_term
 from .logprobs import mask_as_ignored
 from .ppo import _grpo, check_ppo_args
 from .token_math import (
@@ -173,7 +179,8 @@ def _prepare(hidden, weight, bias, labels, temperature, ignore_index, chunk_size
     N = labels.numel()
     V = weight.shape[0]
     if chunk_size is None:
-        chunk = default_chunk_size(max(N, 1), V, weight.dtype, hidden.device)
+        block_dtype = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
+        chunk = default_chunk_size(max(N, 1), V, block_dtype, hidden.device)  # the logits block is fp32 for bf16
     else:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
@@ -402,6 +409,8 @@ def linear_dpo_loss(
     label_smoothing: float = 0.0,
     temperature: float = 1.0,
     ignore_index: int = -100,
+    length_normalize: bool = False,
+    rpo_alpha: Optional[float] = None,
     chunk_size: Optional[int] = None,
     accum_dtype: Optional[torch.dtype] = None,
     backend: str = "auto",
@@ -411,7 +420,8 @@ def linear_dpo_loss(
 
     Rows ``0..B-1`` chosen, ``B..2B-1`` rejected (TRL's concatenation); prompt and padding tokens
     carry ``ignore_index`` labels and are skipped entirely. Loss types ``sigmoid`` / ``hinge`` /
-    ``ipo`` / ``robust`` and stats as the logits version. The token gradients depend on the
+    ``ipo`` / ``robust``, ``length_normalize``, ``rpo_alpha`` and stats as the logits version. The token
+    gradients depend on the
     sequence sums, so the logits are computed twice (forward, and again chunk by chunk in
     backward); never more than one ``[chunk, V]`` block exists.
     """
@@ -420,11 +430,13 @@ def linear_dpo_loss(
         raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
     if hidden.dim() != 3 or hidden.shape[0] % 2:
         raise ValueError(f"hidden must be [2B, T, H] (chosen rows then rejected rows), got {tuple(hidden.shape)}")
-    beta, label_smoothing = check_dpo_args(loss_type, beta, label_smoothing)
+    beta, label_smoothing = check_dpo_args(loss_type, beta, label_smoothing, rpo_alpha)
     B = hidden.shape[0] // 2
     check_dpo_refs(ref_chosen_logps, ref_rejected_logps, B, hidden.device)
     logp, _ = _linear_forward(hidden, weight, bias, labels, temperature, ignore_index, False, chunk_size,
                               accum_dtype, backend)
-    seq = sequence_logps(logp, labels != ignore_index, mean=loss_type == "ipo")  # [2B]
-    return pair_loss(seq[:B], seq[B:], ref_chosen_logps, ref_rejected_logps, beta=beta, loss_type=loss_type,
-                     label_smoothing=label_smoothing)
+    counted = labels != ignore_index
+    seq = sequence_logps(logp, counted, mean=loss_type == "ipo" or bool(length_normalize))  # [2B]
+    loss, stats = pair_loss(seq[:B], seq[B:], ref_chosen_logps, ref_rejected_logps, beta=beta, loss_type=loss_type,
+                            label_smoothing=label_smoothing)
+    return with_nll_term(loss, stats, logp, counted, B, rpo_alpha)
