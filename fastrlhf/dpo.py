@@ -11,7 +11,7 @@ Tests: ``tests/test_dpo.py``. Benchmark: ``fastrlhf bench dpo``.
 
 from __future__ import annotations
 
-from typing import Mapping, Tuple
+from typing import Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -20,14 +20,16 @@ from ._validate import check_dpo_refs, check_ignore_index, check_logits, check_s
 from .logprobs import prepare, token_values
 from .token_math import as_batch_time
 
-__all__ = ["dpo_loss", "DPO_LOSS_TYPES", "check_dpo_args", "sequence_logps", "pair_loss"]
+__all__ = ["dpo_loss", "DPO_LOSS_TYPES", "check_dpo_args", "sequence_logps", "pair_loss", "with_nll_term"]
 
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 
 Stats = Mapping[str, torch.Tensor]
 
 
-def check_dpo_args(loss_type, beta, label_smoothing) -> Tuple[float, float]:
+def check_dpo_args(loss_type, beta, label_smoothing, rpo_alpha=None) -> Tuple[float, float]:
+    if rpo_alpha is not None:
+        check_scalar(rpo_alpha, "rpo_alpha", low=0.0)
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
     beta = check_scalar(beta, "beta", low=0.0, low_open=True)
@@ -44,6 +46,19 @@ def sequence_logps(logp: torch.Tensor, counted: torch.Tensor, mean: bool) -> tor
     if mean:
         total = total / c.sum(-1).clamp_min(1).to(lp.dtype)
     return total
+
+
+def with_nll_term(loss, stats, logp: torch.Tensor, counted: torch.Tensor, B: int, rpo_alpha):
+    """``loss + rpo_alpha * nll`` with ``nll`` the mean negative log-likelihood of the chosen rows' counted
+    tokens (TRL's ``rpo_alpha`` / ``compute_nll_loss``, Liger's ``compute_nll_loss``: cross-entropy with
+    ``ignore_index``, mean over the tokens); ``stats["nll_loss"]`` when used."""
+    if rpo_alpha is None:
+        return loss, stats
+    lp = as_batch_time(logp)[:B]  # [B, T] chosen rows
+    c = as_batch_time(counted)[:B]
+    zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
+    nll = -torch.where(c, lp, zero).sum() / c.sum().clamp_min(1).to(lp.dtype)
+    return loss + rpo_alpha * nll, {**stats, "nll_loss": nll.detach()}
 
 
 def pair_loss(chosen, rejected, ref_chosen, ref_rejected, *, beta: float, loss_type: str, label_smoothing: float):
@@ -85,6 +100,8 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     temperature: float = 1.0,
     ignore_index: int = -100,
+    length_normalize: bool = False,
+    rpo_alpha: Optional[float] = None,
     inplace_backward: bool = False,
     backend: str = "auto",
     process_group=None,
@@ -97,18 +114,25 @@ def dpo_loss(
     - ref_r))`` and ``eps = label_smoothing``: ``sigmoid`` ``-(1-eps) logsigmoid(h) - eps
     logsigmoid(-h)`` (cDPO); ``hinge`` ``relu(1 - h)`` (SLiC); ``ipo`` ``(margin - 1/(2 beta))^2``
     (Azar et al. 2023); ``robust`` (Chowdhury et al. 2024). Reference-free: pass zeros.
-    Stats: ``chosen_rewards``, ``rejected_rewards``, ``reward_accuracy``, ``reward_margin``.
+    ``length_normalize=True``: every loss type uses the per-token mean log-prob of each response
+    (TRL's ``sigmoid_norm``, Liger's ``average_log_prob=True``); the reference log-probs must then be
+    means too. ``rpo_alpha``: adds ``rpo_alpha *`` the chosen responses' mean token NLL (TRL's
+    ``rpo_alpha``, Pang et al. 2024; Liger's ``compute_nll_loss`` is ``rpo_alpha=1``).
+    Stats: ``chosen_rewards``, ``rejected_rewards``, ``reward_accuracy``, ``reward_margin``
+    (and ``nll_loss`` with ``rpo_alpha``).
     """
     check_logits(logits)
     if logits.dim() != 3 or logits.shape[0] % 2:
         raise ValueError(f"logits must be [2B, T, V] (chosen rows then rejected rows), got {tuple(logits.shape)}")
-    beta, label_smoothing = check_dpo_args(loss_type, beta, label_smoothing)
+    beta, label_smoothing = check_dpo_args(loss_type, beta, label_smoothing, rpo_alpha)
     ignore_index = check_ignore_index(ignore_index)
     B = logits.shape[0] // 2
     check_dpo_refs(ref_chosen_logps, ref_rejected_logps, B, logits.device)
     temperature, backend, offset = prepare(logits, labels, temperature, ignore_index, backend, process_group)
     logp = token_values(logits, labels, temperature, ignore_index, True, False, inplace_backward, backend,
                         process_group, offset)
-    seq = sequence_logps(logp, labels != ignore_index, mean=loss_type == "ipo")  # [2B]
-    return pair_loss(seq[:B], seq[B:], ref_chosen_logps, ref_rejected_logps, beta=beta, loss_type=loss_type,
-                     label_smoothing=label_smoothing)
+    counted = labels != ignore_index
+    seq = sequence_logps(logp, counted, mean=loss_type == "ipo" or bool(length_normalize))  # [2B]
+    loss, stats = pair_loss(seq[:B], seq[B:], ref_chosen_logps, ref_rejected_logps, beta=beta, loss_type=loss_type,
+                            label_smoothing=label_smoothing)
+    return with_nll_term(loss, stats, logp, counted, B, rpo_alpha)

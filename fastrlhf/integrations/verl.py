@@ -29,7 +29,9 @@ volcengine/verl main): ``verl/utils/torch_functional.py`` and ``verl/trainer/ppo
 
 The KL, aggregation and policy-loss functions are ``[N]``-sized: patching them saves no memory;
 they are here so that one ``patch()`` gives a verl run whose every loss term is fastrlhf's.
-Difference: an all-masked micro-batch aggregates to 0 where verl divides 0 by 0.
+Dtypes: ``kl_penalty`` returns verl's dtype (that of ``logprob - ref_logprob``) and ``agg_loss`` that of
+``loss_mat * loss_mask``; both compute in fp32. Difference: an all-masked micro-batch aggregates to 0
+where verl divides 0 by 0.
 """
 
 from __future__ import annotations
@@ -83,6 +85,12 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, inplace_bac
     gradient goes to a new buffer instead, which is what flash-attn does on its reshaped copy.
     """
     ensure_tensor(logits, "logits")
+    ensure_tensor(labels, "labels")
+    batch_dim = tuple(logits.shape[:-1])
+    if tuple(labels.shape) != batch_dim and logits.dim() >= 1 and labels.numel() == logits[..., 0].numel():
+        # verl's default (flash-attn) path runs on logits.reshape(-1, V) and labels.reshape(-1) and views
+        # the result as logits.shape[:-1]: any labels with one id per row are accepted (e.g. [1, N] for [N, V]).
+        labels = labels.reshape(batch_dim)
     inplace = bool(inplace_backward) and logits.dim() >= 2 and as_rows3d(logits).data_ptr() == logits.data_ptr()
     return ops.token_logprobs(logits, labels, inplace_backward=inplace)
 
@@ -136,10 +144,12 @@ def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str
     if not isinstance(kl_penalty, str):
         raise TypeError(f"kl_penalty must be a str, got {type(kl_penalty).__name__}")
     straight = kl_penalty.endswith("+")
-    forward_score = _kl_forward(logprob, ref_logprob, kl_penalty[:-1] if straight else kl_penalty)
+    # Computed in fp32 (fastrlhf.kl_estimate), returned in verl's dtype: that of logprob - ref_logprob.
+    out = torch.promote_types(logprob.dtype, ref_logprob.dtype)
+    forward_score = _kl_forward(logprob, ref_logprob, kl_penalty[:-1] if straight else kl_penalty).to(out)
     if not straight or kl_penalty in ("mse", "k2"):
         return forward_score
-    backward_score = kl_estimate(logprob, ref_logprob, "k2")
+    backward_score = kl_estimate(logprob, ref_logprob, "k2").to(out)
     return backward_score - backward_score.detach() + forward_score.detach()
 
 
@@ -206,10 +216,15 @@ def agg_loss(
         raise ValueError(
             f"loss_mask must have the shape of loss_mat {tuple(loss_mat.shape)}, got {tuple(loss_mask.shape)}"
         )
-    dt = loss_mat.dtype if loss_mat.is_floating_point() else torch.float32
+    # verl's dtype is that of masked_sum(loss_mat, loss_mask) = (loss_mat * loss_mask).sum(): a float mask
+    # promotes a bf16 loss_mat to fp32. The sum itself is always accumulated in fp32 (fp64 for fp64).
+    out = loss_mat.dtype if loss_mat.is_floating_point() else torch.float32
+    if loss_mask.is_floating_point():
+        out = torch.promote_types(out, loss_mask.dtype)
+    dt = torch.float64 if out == torch.float64 else torch.float32
     w = _agg_weights(loss_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor, dt)
-    x = as_batch_time(torch.where(loss_mask.bool(), loss_mat, torch.zeros((), dtype=dt, device=loss_mat.device)))
-    return (x * w).sum()
+    x = as_batch_time(torch.where(loss_mask.bool(), loss_mat.to(dt), torch.zeros((), dtype=dt, device=loss_mat.device)))
+    return (x * w).sum().to(out)
 
 
 def _cfg(config: Any, key: str, default: Any = None) -> Any:
