@@ -129,8 +129,8 @@ def kl_estimate(
 ) -> torch.Tensor:
     """Per-token estimate of KL(policy || ref) from samples of the policy.
 
-    ``r = ref_logp - logp``; ``k1 = -r``, ``k2 = r^2 / 2``, ``k3 = exp(r) - r - 1`` (``r``
-    clamped to +-20 before ``exp``). ``clamp=(lo, hi)`` clamps the estimate (verl's
+    ``r = ref_logp - logp``; ``k1 = -r``, ``k2 = r^2 / 2``, ``k3 = exp(r) - r - 1`` as
+    ``expm1(r) - r`` (``r`` clamped to +-20 before ``exp``). ``clamp=(lo, hi)`` clamps the estimate (verl's
     ``low_var_kl`` is k3 with ``clamp=(-10, 10)``).
     """
     if estimator not in KL_ESTIMATORS:
@@ -142,7 +142,7 @@ def kl_estimate(
         kl = 0.5 * r * r
     else:
         r = torch.clamp(r, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        kl = torch.exp(r) - r - 1.0
+        kl = torch.expm1(r) - r  # exp(r) - 1 without the cancellation near r = 0, where KL lives
     if clamp is not None:
         kl = torch.clamp(kl, clamp[0], clamp[1])
     return kl
@@ -379,11 +379,13 @@ def dpo_loss_from_logprobs(
     return loss, stats
 
 
-def dpo_sequence_logps(logp: torch.Tensor, counted: torch.Tensor, loss_type: str) -> torch.Tensor:
-    """Sum (``ipo``: mean) of per-token logp ``[2B, T]`` over counted tokens -> ``[2B]``."""
+def dpo_sequence_logps(
+    logp: torch.Tensor, counted: torch.Tensor, loss_type: str, length_normalize: bool = False
+) -> torch.Tensor:
+    """Sum (``ipo`` or ``length_normalize``: mean) of per-token logp ``[2B, T]`` over counted tokens -> ``[2B]``."""
     m = counted.to(logp.dtype)
     s = (logp * m).sum(-1)
-    if loss_type == "ipo":
+    if loss_type == "ipo" or length_normalize:
         s = s / m.sum(-1).clamp_min(1.0)
     return s
 
@@ -399,16 +401,29 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     temperature: float = 1.0,
     ignore_index: int = -100,
+    length_normalize: bool = False,
+    rpo_alpha: Optional[float] = None,
     upcast: bool = True,
 ) -> Tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
-    """DPO on ``logits [2B, T, V]``: rows ``0..B-1`` chosen, ``B..2B-1`` rejected (TRL's order)."""
-    logp = token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index, upcast=upcast)
-    seq = dpo_sequence_logps(as_batch_time(logp), as_batch_time(labels != ignore_index), loss_type)
+    """DPO on ``logits [2B, T, V]``: rows ``0..B-1`` chosen, ``B..2B-1`` rejected (TRL's order).
+
+    ``length_normalize``: per-token mean log-probs (TRL's ``sigmoid_norm``, Liger's ``average_log_prob``).
+    ``rpo_alpha``: ``+ rpo_alpha * nll``, the chosen rows' cross-entropy averaged over their counted tokens.
+    """
+    logp = as_batch_time(token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
+                                        upcast=upcast))  # [2B, T]
+    counted = as_batch_time(labels != ignore_index)
+    seq = dpo_sequence_logps(logp, counted, loss_type, length_normalize)
     B = seq.shape[0] // 2
-    return dpo_loss_from_logprobs(
+    loss, stats = dpo_loss_from_logprobs(
         seq[:B], seq[B:], ref_chosen_logps, ref_rejected_logps,
         beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
     )
+    if rpo_alpha is None:
+        return loss, stats
+    c = counted[:B].to(logp.dtype)
+    nll = -(logp[:B] * c).sum() / c.sum().clamp_min(1.0)
+    return loss + rpo_alpha * nll, {**stats, "nll_loss": nll.detach()}
 
 
 # ----------------------------------------------------------------------------------------
