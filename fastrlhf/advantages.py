@@ -436,9 +436,14 @@ def estimate_advantages(
                              "penalty (kl_coef must be 0; put the KL in the loss)")
         if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
             raise ValueError(f"estimator 'grpo' needs outcome rewards [B], got {getattr(rewards, 'shape', rewards)}")
+        _check_token_inputs(rewards, mask, None, None, 0.0, kl_estimator, gamma)
+        m = mask.bool()
         adv = group_advantages(rewards, group_size, scale=scale_rewards)  # [B]
-        returns = reinforce_advantages(rewards, mask, gamma=gamma)[1]  # [B, T], validates mask
-        return torch.where(mask.bool(), adv[:, None].to(returns.dtype), torch.zeros_like(returns)), returns
+        # returns-to-go of an outcome reward: r * gamma^(counted tokens after t), no scan over T
+        after = m.flip(-1).long().cumsum(-1).flip(-1) - 1  # [B, T]
+        r = rewards.detach().to(adv.dtype)[:, None]
+        zero = torch.zeros((), dtype=adv.dtype, device=adv.device)
+        return torch.where(m, adv[:, None], zero), torch.where(m, r * gamma ** after.to(adv.dtype), zero)
     if estimator == "rloo":
         if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
             raise ValueError(f"estimator 'rloo' needs outcome rewards [B], got {getattr(rewards, 'shape', rewards)}")
@@ -448,9 +453,11 @@ def estimate_advantages(
     if estimator in ("reinforce++", "reinforce++-baseline"):
         group = group_size if estimator == "reinforce++-baseline" else None
         return reinforce_plus_plus_advantages(rewards, mask, gamma=gamma, group_size=group, **kl)
-    # gae: the per-token rewards are the returns-to-go with gamma = 0 (G_t = r_t), so the score's
-    # placement and the KL penalty are exactly those of the critic-free estimators.
-    token_rewards = reinforce_advantages(rewards, mask, gamma=0.0, **kl)[1]  # [B, T]
+    # gae: the per-token rewards of the critic-free estimators (score on the last counted token,
+    # minus the KL penalty), then the critic's values
+    _check_token_inputs(rewards, mask, logprobs, ref_logprobs, kl_coef, kl_estimator, gamma)
+    token_rewards = _token_rewards(rewards, mask.bool(), logprobs, ref_logprobs, kl_coef, kl_estimator,
+                                   float_dtype(rewards))  # [B, T]
     if not isinstance(values, torch.Tensor) or tuple(values.shape) != tuple(token_rewards.shape):
         raise ValueError(f"values must be [B, T] = {tuple(token_rewards.shape)}, got {getattr(values, 'shape', values)}")
     return gae(token_rewards, values, mask, gamma=gamma, lam=lam)
