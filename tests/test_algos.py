@@ -447,8 +447,9 @@ def test_grpo_reward_rises(tok, task, warm_model):
                          micro_batch_size=32, gradient_accumulation_steps=4, lr=1e-3, lr_warmup_steps=10, beta=0.04)
         return GRPO(copy.deepcopy(warm_model), tok, task.prompt_rows("train"), task.reward, cfg)
 
-    # seed 0 alone: +0.08 here (0.710 -> 0.792), above +0.1 on the machine it was tuned on; margin provisional
-    assert reward_gain_over_seeds(make, steps=50) > 0.03
+    # per-seed gains over 6 seeds (tests/learning_margins.py grpo 0,...,5): +0.096, +0.154, +0.106,
+    # +0.199, +0.181, +0.127 (mean 0.144, sd 0.04); the 4-seed mean has sd ~0.02: 0.05 is ~4.5 sd below
+    assert reward_gain_over_seeds(make, steps=50) > 0.05
 
 
 @pytest.mark.slow

@@ -753,9 +753,9 @@ def test_rft_reward_rises(tok, task, warm_model):
                         micro_batch_size=16, lr=1e-3, lr_warmup_steps=10)
         return RFT(copy.deepcopy(warm_model), tok, task.prompt_rows("train"), task.reward, cfg)
 
-    # per-seed gains measured here (tests/learning_margins.py): +0.178, +0.199, +0.187 (seeds 0-2, one
-    # process) and +0.049 (seed 0 inside the pytest run, another sampling trajectory); margin 0.05
-    assert reward_gain_over_seeds(make, steps=60) > 0.05
+    # per-seed gains over 16 seeds (tests/learning_margins.py rft 0,...,15): mean +0.187, sd 0.029,
+    # min +0.134; the 4-seed mean has sd ~0.015, so 0.1 sits ~6 sd below its expectation
+    assert reward_gain_over_seeds(make, steps=60) > 0.1
 
 
 # ----------------------------------------------------------------------------------------
