@@ -143,18 +143,20 @@ def _launcher(modules: Sequence[str], names: Sequence[str]):
     raise LookupError(f"no launcher {names} in fastrlhf.kernels.{{{', '.join(modules)}}}: update JOBS")
 
 
-def _fr_logprobs_fwd(f: Fake, entropy: bool):
-    # Leaf launcher: fills the caller's [N] fp32 buffers.
+def _fr_logprobs_fwd(f: Fake, entropy: bool, sp2: bool = False):
+    # Leaf launcher: fills the caller's [N] fp32 buffers (sum p^2: one more accumulator).
+    extra = {"sp2": f.row()} if sp2 else {}
     _launcher(["logprobs"], ["logprobs_forward"])(
-        f.logits3(), f.labels(), 1.0, -100, f.row(), f.row() if entropy else None, f.row()
+        f.logits3(), f.labels(), 1.0, -100, f.row(), f.row() if entropy else None, f.row(), **extra
     )
 
 
-def _fr_logprobs_bwd(f: Fake, entropy: bool):
+def _fr_logprobs_bwd(f: Fake, entropy: bool, sp2: bool = False):
     x3 = f.logits3()
+    extra = {"sp2": f.row(), "dsp2": f.row()} if sp2 else {}
     _launcher(["logprobs"], ["logprobs_backward"])(
         x3, f.labels(), f.row(), f.row() if entropy else None, f.row(), f.row() if entropy else None,
-        1.0, -100, f.torch.empty_like(x3),
+        1.0, -100, f.torch.empty_like(x3), **extra
     )
 
 
@@ -222,6 +224,9 @@ JOBS: Tuple[Job, ...] = (
     Job("fastrlhf", "logprobs-entropy-bwd", lambda f: _fr_logprobs_bwd(f, True)),
     Job("fastrlhf", "grpo-fused", lambda f: _fr_ppo_fused(f, True)),  # k3 KL 0.04, no entropy
     Job("fastrlhf", "ppo-fused", lambda f: _fr_ppo_fused(f, False)),  # dual clip, entropy bonus
+    # logp + entropy + sum p^2 (verl's calculate_sum_pi_squared) and all three gradients
+    Job("fastrlhf", "logprobs-sum-p2-fwd", lambda f: _fr_logprobs_fwd(f, True, sp2=True)),
+    Job("fastrlhf", "logprobs-sum-p2-bwd", lambda f: _fr_logprobs_bwd(f, True, sp2=True)),
     # GAE is not an [N, V] pass: compiled and reported, no slot budget. 4+4+1 B in, 4+4 B out.
     # ptxas unrolls its time loop 4x and keeps a remainder loop: two "passes" over the same data.
     Job("fastrlhf", "gae", _fr_gae, nv=False, bytes_per_elem={"scan": 17.0, "scan-rem": 17.0},

@@ -238,8 +238,26 @@ def _finish_param_grads(dW, db, weight, bias):
 # ----------------------------------------------------------------------------------------
 
 
+# Batch invariance of the logits block: CPU GEMMs pick their kernel by M, and with M < 12 rows a row's
+# logits differ in the last bit from the same row inside a larger GEMM (measured with torch 2.13's CPU
+# BLAS for M in {1, 2, 3, 5, 6, 7, 9, 10, 11}; M = 4, 8 and >= 12 agree with M = 64..160). A chunk of
+# fewer rows is padded with zero rows to INVARIANT_GEMM_ROWS, so every row goes through the same kernel
+# whatever the chunk size or batch (an empirical property of the BLAS, tested by
+# tests/test_batch_invariance.py; GPU GEMMs choose tiles by shape too: see the README).
+INVARIANT_GEMM_ROWS = 16
+
+
+def _padded_rows(h_c: torch.Tensor) -> torch.Tensor:
+    n = h_c.shape[0]
+    if n >= INVARIANT_GEMM_ROWS:
+        return h_c
+    pad = h_c.new_zeros(INVARIANT_GEMM_ROWS - n, h_c.shape[1])  # [16 - n, H]
+    return torch.cat([h_c, pad])  # [16, H]
+
+
 class LinearLogprobsEntropy(torch.autograd.Function):
-    """``(logp [N], entropy [N] or None)`` from ``hidden [N, H]``, ``weight [V, H]``, ``bias [V]``.
+    """``(logp [N], entropy [N] or None, sum_p2 [N] or None)`` from ``hidden [N, H]``, ``weight [V, H]``,
+    ``bias [V]``.
 
     Only ``[N]`` tensors (and the indices of the kept rows) are saved; backward recomputes
     each chunk's logits. Gradients flow to ``hidden``, ``weight`` and ``bias``.
@@ -247,7 +265,7 @@ class LinearLogprobsEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, want_entropy, backend, chunk,
-                accum_dtype):
+                accum_dtype, want_sp2=False):
         N = hidden.shape[0]
         odt = out_dtype(weight)
         inv_temp = 1.0 / temperature
@@ -255,18 +273,22 @@ class LinearLogprobsEntropy(torch.autograd.Function):
         logp = torch.zeros(N, dtype=odt, device=hidden.device)  # [N]
         lse = torch.zeros(N, dtype=odt, device=hidden.device)  # [N]
         ent = torch.zeros(N, dtype=odt, device=hidden.device) if want_entropy else None  # [N]
+        sp2 = torch.zeros(N, dtype=odt, device=hidden.device) if want_sp2 else None  # [N]
         with torch.autocast(hidden.device.type, enabled=False):
             for r0, r1 in _chunk_bounds(n_keep, chunk):
-                x = _chunk_logits(_take(hidden, rows, r0, r1), weight, bias)  # [n, V]
+                x = _chunk_logits(_padded_rows(_take(hidden, rows, r0, r1)), weight, bias)[: r1 - r0]  # [n, V]
+                sq = torch.empty(r1 - r0, dtype=odt, device=hidden.device) if want_sp2 else None  # [n]
                 lp, en, ls = row_forward(
-                    backend, x.unsqueeze(0), _take(labels, rows, r0, r1), inv_temp, ignore_index, want_entropy
+                    backend, x.unsqueeze(0), _take(labels, rows, r0, r1), inv_temp, ignore_index, want_entropy, sq
                 )
                 del x  # free the block before the next chunk's matmul allocates another
                 _put(logp, rows, r0, r1, lp)
                 _put(lse, rows, r0, r1, ls)
                 if want_entropy:
                     _put(ent, rows, r0, r1, en)
-        ctx.save_for_backward(hidden, weight, bias, labels, rows, lse, ent)
+                if want_sp2:
+                    _put(sp2, rows, r0, r1, sq)
+        ctx.save_for_backward(hidden, weight, bias, labels, rows, lse, ent, sp2)
         ctx.n_keep = n_keep
         ctx.inv_temp = inv_temp
         ctx.ignore_index = ignore_index
@@ -275,32 +297,43 @@ class LinearLogprobsEntropy(torch.autograd.Function):
         ctx.chunk = chunk
         ctx.accum_dtype = accum_dtype
         ctx.set_materialize_grads(False)
-        return logp, ent
+        return logp, ent, sp2
 
     @staticmethod
     @first_order_only
-    def backward(ctx, dlogp, dent):
-        hidden, weight, bias, labels, rows, lse, ent = ctx.saved_tensors
+    def backward(ctx, dlogp, dent, dsp2):
+        hidden, weight, bias, labels, rows, lse, ent, sp2 = ctx.saved_tensors
         if not ctx.want_entropy:
             dent = None
-        none = (None,) * 7
-        if dlogp is None and dent is None:
+        if sp2 is None:
+            dsp2 = None
+        none = (None,) * 8
+        if dlogp is None and dent is None and dsp2 is None:
             return (None, None, None) + none
         dt = lse.dtype
         dlogp = dlogp.reshape(-1).to(dt).contiguous() if dlogp is not None else None  # [N]
         dent = dent.reshape(-1).to(dt).contiguous() if dent is not None else None  # [N]
+        dsp2 = dsp2.reshape(-1).to(dt).contiguous() if dsp2 is not None else None  # [N]
         dh, dW, db = _grad_buffers(hidden, weight, bias, rows, ctx.needs_input_grad[:3], ctx.accum_dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             for r0, r1 in _chunk_bounds(ctx.n_keep, ctx.chunk):
-                h_c = _take(hidden, rows, r0, r1)  # [n, H]
-                g = _chunk_logits(h_c, weight, bias)  # [n, V] recomputed, then overwritten by its gradient
-                g3 = g.unsqueeze(0)  # [1, n, V]
+                n = r1 - r0
+                h_c = _padded_rows(_take(hidden, rows, r0, r1))  # [max(n, 16), H] (zero rows padded)
+                g = _chunk_logits(h_c, weight, bias)  # [., V] recomputed, then overwritten by its gradient
+                g3 = g[:n].unsqueeze(0)  # [1, n, V]
                 row_backward(
                     ctx.backend, g3, _take(labels, rows, r0, r1), _take(lse, rows, r0, r1),
                     _take(ent, rows, r0, r1), _take(dlogp, rows, r0, r1), _take(dent, rows, r0, r1),
-                    ctx.inv_temp, ctx.ignore_index, g3,
+                    ctx.inv_temp, ctx.ignore_index, g3, _take(sp2, rows, r0, r1), _take(dsp2, rows, r0, r1),
                 )
-                _chunk_param_grads(g, h_c, weight, rows, r0, r1, dh, dW, db)
+                if g.shape[0] == n:
+                    _chunk_param_grads(g, h_c, weight, rows, r0, r1, dh, dW, db)
+                else:  # padded rows: zero gradient, their dh rows dropped
+                    g[n:].zero_()
+                    dh_c = None if dh is None else dh.new_empty(g.shape[0], dh.shape[1])  # [16, H]
+                    _chunk_param_grads(g, h_c, weight, None, 0, g.shape[0], dh_c, dW, db)
+                    if dh_c is not None:
+                        _put(dh, rows, r0, r1, dh_c[:n])
                 del g
         dW, db = _finish_param_grads(dW, db, weight, bias)
         return (dh, dW, db) + none

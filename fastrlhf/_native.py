@@ -140,9 +140,11 @@ def row_forward(
     inv_temp: float,
     ignore_index: int,
     want_entropy: bool,
+    sp2_out: Optional[torch.Tensor] = None,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
     """``(logp, ent, lse)``, each ``[N]`` fp32 (``logp`` None without labels, ``ent`` None
-    unless ``want_entropy``); the spec is ``fastrlhf._rows``' docstring."""
+    unless ``want_entropy``); ``sp2_out`` (``[N]`` fp32, optional) receives sum p^2. The spec is
+    ``fastrlhf._rows``' docstring."""
     ext = _ext()
     _check_rows3(x3, "logits")
     B, T, V = x3.shape
@@ -152,6 +154,7 @@ def row_forward(
     lse = torch.empty(N, dtype=torch.float32)  # [N]
     logp = torch.empty(N, dtype=torch.float32) if labels is not None else None  # [N]
     ent = torch.empty(N, dtype=torch.float32) if want_entropy else None  # [N]
+    sp2_ptr = _check_row_values(sp2_out, "sp2_out", N)
     if N == 0:
         return logp, ent, lse
     ext.row_forward(
@@ -159,7 +162,7 @@ def row_forward(
         lab_ptr, lab_bytes, ii, float(inv_temp),
         logp.data_ptr() if logp is not None else 0,
         ent.data_ptr() if ent is not None else 0,
-        lse.data_ptr(), torch.get_num_threads(),
+        lse.data_ptr(), sp2_ptr, torch.get_num_threads(),
     )
     return logp, ent, lse
 
@@ -174,8 +177,10 @@ def row_backward(
     inv_temp: float,
     ignore_index: int,
     out3: torch.Tensor,
+    sp2: Optional[torch.Tensor] = None,
+    dsp2: Optional[torch.Tensor] = None,
 ) -> None:
-    """Write ``d/dlogits`` of ``sum(dlogp * logp + dent * ent)`` into ``out3`` (may alias
+    """Write ``d/dlogits`` of ``sum(dlogp * logp + dent * ent + dsp2 * sp2)`` into ``out3`` (may alias
     ``x3``); the spec is ``fastrlhf._rows``' docstring."""
     ext = _ext()
     _check_rows3(x3, "logits")
@@ -197,6 +202,10 @@ def row_backward(
     ent_ptr = _check_row_values(ent, "ent", N)
     dlogp_ptr = _check_row_values(dlogp, "dlogp", N)
     dent_ptr = _check_row_values(dent, "dent", N)
+    sp2_ptr = _check_row_values(sp2, "sp2", N)
+    dsp2_ptr = _check_row_values(dsp2, "dsp2", N)
+    if dsp2 is not None and sp2 is None:
+        raise ValueError("dsp2 needs the sum_p2 saved by row_forward (sp2_out)")
     if dlogp is not None and labels is None:
         raise ValueError("dlogp needs labels (there is no logp without labels)")
     if dent is not None and ent is None:
@@ -205,6 +214,6 @@ def row_backward(
         return
     ext.row_backward(
         x3.data_ptr(), _DTYPE_CODES[x3.dtype], B, T, V, x3.stride(0), x3.stride(1),
-        lab_ptr, lab_bytes, ii, lse_ptr, ent_ptr, dlogp_ptr, dent_ptr, float(inv_temp),
+        lab_ptr, lab_bytes, ii, lse_ptr, ent_ptr, dlogp_ptr, dent_ptr, sp2_ptr, dsp2_ptr, float(inv_temp),
         out3.data_ptr(), out3.stride(0), out3.stride(1), torch.get_num_threads(),
     )

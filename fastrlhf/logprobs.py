@@ -45,20 +45,27 @@ def prepare(logits, labels, temperature, ignore_index, backend, process_group=No
 
 
 def token_values(logits, labels, temperature, ignore_index, want_logp, want_entropy, inplace_backward, backend,
-                 process_group=None, offset=0):
-    """``logp`` / ``entropy`` / both, shaped like ``logits.shape[:-1]``, from full logits or from this
-    rank's vocabulary shard. Inputs already checked by :func:`prepare`."""
+                 process_group=None, offset=0, *, want_sp2=False, support=None, top_k=None):
+    """``logp`` / ``entropy`` / ``sum_p2``: those asked for (one tensor, or a tuple in that order), shaped
+    like ``logits.shape[:-1]``, from full logits or from this rank's vocabulary shard. ``support`` /
+    ``top_k``: renormalised over each row's kept set (:mod:`fastrlhf.support`). Inputs already checked
+    by :func:`prepare`."""
     ignore_index = check_ignore_index(ignore_index)  # a 0-d tensor becomes an int for every backend
+    if support is not None or top_k is not None:
+        return _support_values(logits, labels, temperature, ignore_index, want_logp, want_entropy, want_sp2,
+                               inplace_backward, process_group, support, top_k)
+    if want_sp2 and process_group is not None:
+        raise NotImplementedError("sum_p_squared with a process_group (vocab-parallel logits) is not supported yet")
     if process_group is None and torch.compiler.is_compiling():
         # Opaque custom ops with fake shapes and registered autograd (fastrlhf._rows): traceable.
         vocab = logits.shape[-1]
         out = unpack_row_values(compiled_row_values(logits, labels, temperature, ignore_index, want_logp,
-                                                    want_entropy, inplace_backward, backend, vocab),
-                                want_logp, want_entropy)
+                                                    want_entropy, inplace_backward, backend, vocab, want_sp2),
+                                want_logp, want_entropy, want_sp2)
     elif process_group is None:
         out = unpack_row_values(row_values_function().apply(
-            logits, labels, temperature, ignore_index, want_logp, want_entropy, inplace_backward, backend
-        ), want_logp, want_entropy)
+            logits, labels, temperature, ignore_index, want_logp, want_entropy, inplace_backward, backend, want_sp2
+        ), want_logp, want_entropy, want_sp2)
     else:
         from .distributed import vocab_parallel_token_values
 
@@ -74,6 +81,20 @@ def token_values(logits, labels, temperature, ignore_index, want_logp, want_entr
     return out.view(shape)
 
 
+def _support_values(logits, labels, temperature, ignore_index, want_logp, want_entropy, want_sp2,
+                    inplace_backward, process_group, support, top_k):
+    if process_group is not None:
+        raise NotImplementedError("support= / top_k= with a process_group (vocab-parallel logits) is not supported")
+    if labels is None:
+        raise ValueError("support= / top_k= need labels")
+    from .support import resolve_support, support_token_values
+
+    ids, off = resolve_support(logits, labels, support, top_k, temperature, ignore_index)
+    logp, ent, sp2 = support_token_values(logits, labels, ids, off, temperature, ignore_index, inplace_backward)
+    out = tuple(t for t, w in ((logp, want_logp), (ent, want_entropy), (sp2, want_sp2)) if w)
+    return out if len(out) > 1 else out[0]
+
+
 def token_logprobs(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -83,6 +104,8 @@ def token_logprobs(
     inplace_backward: bool = False,
     backend: str = "auto",
     process_group=None,
+    support=None,
+    top_k: Optional[int] = None,
 ) -> torch.Tensor:
     """Log-probability of each label: ``logp = x[label] - logsumexp(x)``, ``x = logits / temperature``.
 
@@ -97,13 +120,19 @@ def token_logprobs(
             autograd's in-place error, and a second differentiation is refused.
         backend: ``"auto"`` / ``"triton"`` / ``"native"`` / ``"torch"`` (or ``$FASTRLHF_BACKEND``).
         process_group: vocab-parallel logits (each rank its contiguous shard; see ``fastrlhf.distributed``).
+        support: ``(token_ids, offsets)``, the sampler's kept set per token in vLLM's CSR form (row n keeps
+            ``token_ids[offsets[n]:offsets[n+1]]``): ``logp = x[label] - logsumexp_{v in S} x_v``, the
+            gradient only on S (0 elsewhere). A label outside its row's set is a ``ValueError``.
+        top_k: the kept set is the ``top_k`` largest tempered logits (ties as ``torch.topk``).
+            See :mod:`fastrlhf.support` (and why top-p is replayed through ``support``).
 
     Returns:
-        ``logp [...]`` fp32. Memory: no ``[N, V]`` temporary besides the logits' gradient.
+        ``logp [...]`` fp32. Memory: no ``[N, V]`` temporary besides the logits' gradient (with
+        ``support`` the forward reads only the kept logits; ``top_k`` reads ``[N, V]`` once for topk).
     """
     temperature, backend, offset = prepare(logits, labels, temperature, ignore_index, backend, process_group)
     return token_values(logits, labels, temperature, ignore_index, True, False, inplace_backward, backend,
-                        process_group, offset)
+                        process_group, offset, support=support, top_k=top_k)
 
 
 def token_logprobs_and_entropy(
@@ -115,15 +144,21 @@ def token_logprobs_and_entropy(
     inplace_backward: bool = False,
     backend: str = "auto",
     process_group=None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    sum_p_squared: bool = False,
+    support=None,
+    top_k: Optional[int] = None,
+) -> Tuple[torch.Tensor, ...]:
     """``(logp, entropy)`` per token from one pass over the vocabulary; both differentiable.
 
     ``entropy = logsumexp(x) - sum(softmax(x) * x)``; both are 0 where ``labels == ignore_index``.
-    See :func:`token_logprobs` for the arguments.
+    ``sum_p_squared=True`` returns ``(logp, entropy, sum_p2)`` with ``sum_p2 = sum_v softmax(x)_v^2``
+    (verl's ``calculate_sum_pi_squared``), one more accumulator of the same pass, differentiable
+    (``d sum_p2 / dx_j = 2 p_j (p_j - sum_p2)``). With ``support`` / ``top_k`` all three are over the
+    renormalised kept-set distribution. See :func:`token_logprobs` for the other arguments.
     """
     temperature, backend, offset = prepare(logits, labels, temperature, ignore_index, backend, process_group)
     return token_values(logits, labels, temperature, ignore_index, True, True, inplace_backward, backend,
-                        process_group, offset)
+                        process_group, offset, want_sp2=bool(sum_p_squared), support=support, top_k=top_k)
 
 
 def entropy(

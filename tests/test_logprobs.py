@@ -53,7 +53,7 @@ def test_logprobs_entropy_fwd_bwd(backend, dtype, lead, V):
 
 
 @pytest.mark.parametrize("backend", backends())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_token_logprobs_noncontiguous_temperature(backend, dtype):
     dev = device_for(backend)
     x, labels = _inputs((2, 5), 300, dtype, dev, noncontig=True)
@@ -85,7 +85,7 @@ def test_entropy_only(backend):
 
 
 @pytest.mark.parametrize("backend", backends())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_inplace_backward_writes_into_logits(backend, dtype):
     dev = device_for(backend)
     x, labels = _inputs((4,), 1000, dtype, dev)

@@ -32,24 +32,24 @@ P* ptr(uintptr_t address) {
 
 void forward(uintptr_t x, int dtype, int64_t B, int64_t T, int64_t V, int64_t stride_b, int64_t stride_t,
              uintptr_t labels, int label_bytes, int64_t ignore_index, double inv_temp, uintptr_t logp, uintptr_t ent,
-             uintptr_t lse, int num_threads) {
+             uintptr_t lse, uintptr_t sp2, int num_threads) {
   const fastrlhf::RowsIn in{ptr<const void>(x), dtype, B, T, V, stride_b, stride_t};
   const fastrlhf::Labels lab{ptr<const void>(labels), label_bytes, ignore_index};
   py::gil_scoped_release no_gil;
   fastrlhf::row_forward(in, lab, static_cast<float>(inv_temp), ptr<float>(logp), ptr<float>(ent), ptr<float>(lse),
-                        num_threads);
+                        ptr<float>(sp2), num_threads);
 }
 
 void backward(uintptr_t x, int dtype, int64_t B, int64_t T, int64_t V, int64_t stride_b, int64_t stride_t,
               uintptr_t labels, int label_bytes, int64_t ignore_index, uintptr_t lse, uintptr_t ent, uintptr_t dlogp,
-              uintptr_t dent, double inv_temp, uintptr_t out, int64_t out_stride_b, int64_t out_stride_t,
-              int num_threads) {
+              uintptr_t dent, uintptr_t sp2, uintptr_t dsp2, double inv_temp, uintptr_t out, int64_t out_stride_b,
+              int64_t out_stride_t, int num_threads) {
   const fastrlhf::RowsIn in{ptr<const void>(x), dtype, B, T, V, stride_b, stride_t};
   const fastrlhf::Labels lab{ptr<const void>(labels), label_bytes, ignore_index};
   py::gil_scoped_release no_gil;
   fastrlhf::row_backward(in, lab, ptr<const float>(lse), ptr<const float>(ent), ptr<const float>(dlogp),
-                         ptr<const float>(dent), static_cast<float>(inv_temp), ptr<void>(out), out_stride_b,
-                         out_stride_t, num_threads);
+                         ptr<const float>(dent), ptr<const float>(sp2), ptr<const float>(dsp2),
+                         static_cast<float>(inv_temp), ptr<void>(out), out_stride_b, out_stride_t, num_threads);
 }
 
 int checked_dtype(int dtype) {
@@ -99,14 +99,15 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("OPENMP") = false;
 #endif
-  m.def("row_forward", &forward, "lse[N] (+ logp[N], ent[N]) of [B, T, V] logits; addresses are 0 for None",
+  m.def("row_forward", &forward, "lse[N] (+ logp[N], ent[N], sp2[N]) of [B, T, V] logits; addresses are 0 for None",
         py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("stride_b"),
         py::arg("stride_t"), py::arg("labels"), py::arg("label_bytes"), py::arg("ignore_index"), py::arg("inv_temp"),
-        py::arg("logp"), py::arg("ent"), py::arg("lse"), py::arg("num_threads"));
-  m.def("row_backward", &backward, "d/dlogits of sum(dlogp * logp + dent * ent) into out (may alias x)",
+        py::arg("logp"), py::arg("ent"), py::arg("lse"), py::arg("sp2"), py::arg("num_threads"));
+  m.def("row_backward", &backward, "d/dlogits of sum(dlogp * logp + dent * ent + dsp2 * sp2) into out (may alias x)",
         py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("stride_b"),
         py::arg("stride_t"), py::arg("labels"), py::arg("label_bytes"), py::arg("ignore_index"), py::arg("lse"),
-        py::arg("ent"), py::arg("dlogp"), py::arg("dent"), py::arg("inv_temp"), py::arg("out"),
+        py::arg("ent"), py::arg("dlogp"), py::arg("dent"), py::arg("sp2"), py::arg("dsp2"), py::arg("inv_temp"),
+        py::arg("out"),
         py::arg("out_stride_b"), py::arg("out_stride_t"), py::arg("num_threads"));
   m.def("simd_level", []() { return std::string(fastrlhf::active_kernels().name); },
         "the kernel table the row passes use now: 'avx512', 'avx2' or 'portable'");

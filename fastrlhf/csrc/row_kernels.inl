@@ -117,13 +117,17 @@ FASTRLHF_VEC void prefetch(const char* p) {
 // every element costs exactly one exp; while a block's exps are computed from L1, the next
 // block is prefetched. Per block, the sums are 16 lane accumulators reduced by the fixed
 // tree: the bits depend on V and the row's values only.
-template <int kDtype, bool kEntropy>
+// sum p^2 (kSp2) is one more accumulator q = sum exp(x_i - m)^2, rescaled by a^2 on a new max:
+// sum_p2 = q / s^2.
+template <int kDtype, int kTerms>
 FASTRLHF_KERNEL RowStats row_stats(const void* row_v, int64_t Vn, float inv_temp, float* buf) {
+  constexpr bool kEntropy = (kTerms & kStatsEntropy) != 0;
+  constexpr bool kSp2 = (kTerms & kStatsSp2) != 0;
   using T = Elem<kDtype>;
   const T* row = static_cast<const T*>(row_v);
   const float kNegInf = -std::numeric_limits<float>::infinity();
   const V vinv = Isa::set1(inv_temp);
-  float m = kNegInf, s = 0.0f, w = 0.0f;
+  float m = kNegInf, s = 0.0f, w = 0.0f, q = 0.0f;
   bool saw_nan = false;  // elsewhere a NaN reaches exp() and poisons s, as in torch
   for (int64_t v0 = 0; v0 < Vn; v0 += kBlock) {
     const int64_t L = std::min(kBlock, Vn - v0);
@@ -152,7 +156,7 @@ FASTRLHF_KERNEL RowStats row_stats(const void* row_v, int64_t Vn, float inv_temp
     const char* next = reinterpret_cast<const char*>(src + L);
     const int64_t next_bytes = std::min(kBlock, Vn - v0 - L) * static_cast<int64_t>(sizeof(T));
     const int64_t bytes_per_sub = kSub * static_cast<int64_t>(sizeof(T));
-    V acc_s = zero, acc_w = zero;
+    V acc_s = zero, acc_w = zero, acc_q = zero;
     for (int64_t j0 = 0; j0 < Lp; j0 += kSub) {
       const int64_t j1 = std::min(j0 + kSub, Lp);
       const int64_t p0 = (j0 / kSub) * bytes_per_sub;
@@ -164,35 +168,39 @@ FASTRLHF_KERNEL RowStats row_stats(const void* row_v, int64_t Vn, float inv_temp
         acc_s = Isa::add(acc_s, e);
         // e = 0 at d = -inf: keep() zeroes d there, since 0 * -inf would be NaN
         if constexpr (kEntropy) acc_w = Isa::fmadd(e, Isa::keep(Isa::gt(e, zero), d), acc_w);
+        if constexpr (kSp2) acc_q = Isa::fmadd(e, e, acc_q);
       }
     }
     const float bs = Isa::hsum(acc_s);
     const float bw = kEntropy ? Isa::hsum(acc_w) : 0.0f;
+    const float bq = kSp2 ? Isa::hsum(acc_q) : 0.0f;
     if (s > 0.0f) {
       const float dm = m - mn;  // <= 0
       const float a = std::exp(dm);
       w = a * (w + dm * s);
+      q = (a * a) * q;
       s = a * s;
     }
     s += bs;
     w += bw;
+    q += bq;
     m = mn;
   }
   if (saw_nan) {
     const float nan = std::numeric_limits<float>::quiet_NaN();
-    return {nan, nan};
+    return {nan, nan, nan};
   }
   const float log_s = std::log(s);  // s >= 1 unless every logit is -inf (then lse = -inf)
-  return {m + log_s, kEntropy ? log_s - w / s : 0.0f};
+  return {m + log_s, kEntropy ? log_s - w / s : 0.0f, kSp2 ? q / (s * s) : 0.0f};
 }
 
 struct GradScalars {
-  V inv_temp, lse, E, dlogp, dent;
+  V inv_temp, lse, E, dlogp, dent, sp2, dsp2x2;  // dsp2x2 = 2 dsp2
 };
 
-// d/dx of dlogp * logp + dent * ent without the one-hot term, for 16 raw logits:
-//   inv_temp * (-dlogp * p - dent * p * (x - E)),  p = exp(x - lse)
-template <bool kLogp, bool kEntropy>
+// d/dx of dlogp * logp + dent * ent + dsp2 * sum_p2 without the one-hot term, for 16 raw logits:
+//   inv_temp * (-dlogp * p - dent * p * (x - E) + 2 dsp2 * p * (p - sum_p2)),  p = exp(x - lse)
+template <bool kLogp, bool kEntropy, bool kSp2>
 FASTRLHF_VEC V grad16(V raw, const GradScalars& c) {
   const V x = Isa::mul(raw, c.inv_temp);
   const V p = vexp(Isa::sub(x, c.lse));
@@ -203,13 +211,14 @@ FASTRLHF_VEC V grad16(V raw, const GradScalars& c) {
     const V q = Isa::keep(Isa::gt(p, Isa::zero()), Isa::mul(p, Isa::sub(x, c.E)));
     g = Isa::fnmadd(c.dent, q, g);
   }
+  if constexpr (kSp2) g = Isa::fmadd(c.dsp2x2, Isa::mul(p, Isa::sub(p, c.sp2)), g);
   return Isa::mul(g, c.inv_temp);
 }
 
 // The label's entry, one-hot term included: inv_temp * (dlogp * (1 - p) - dent * p * (x - E)).
 // A function of its own (not inlined) so that the row kernels hold only the row loop: a
 // compiler may do this single lane with scalar instructions (Clang does).
-template <int kDtype, bool kEntropy>
+template <int kDtype, bool kEntropy, bool kSp2>
 FASTRLHF_KERNEL Elem<kDtype> label_grad(float x_label, const GradScalars& c) {
   const V x = Isa::set1(x_label);
   const V p = vexp(Isa::sub(x, c.lse));
@@ -218,31 +227,35 @@ FASTRLHF_KERNEL Elem<kDtype> label_grad(float x_label, const GradScalars& c) {
     const V q = Isa::keep(Isa::gt(p, Isa::zero()), Isa::mul(p, Isa::sub(x, c.E)));
     g = Isa::fnmadd(c.dent, q, g);
   }
+  if constexpr (kSp2) g = Isa::fmadd(c.dsp2x2, Isa::mul(p, Isa::sub(p, c.sp2)), g);
   return store1<kDtype>(Isa::first(Isa::mul(g, c.inv_temp)));
 }
 
 template <int kDtype, int kKind>
 FASTRLHF_KERNEL void grad_row(const void* row_v, void* out_v, int64_t Vn, int64_t label, float inv_temp, float lse,
-                              float E, float dl, float de) {
+                              float E, float dl, float de, float sp2, float dq) {
   using T = Elem<kDtype>;
-  constexpr bool kLogp = kKind != kGradEntropy;
-  constexpr bool kEntropy = kKind != kGradLogp;
+  constexpr bool kLogp = (kKind & kGradLogp) != 0;
+  constexpr bool kEntropy = (kKind & kGradEntropy) != 0;
+  constexpr bool kSp2 = (kKind & kGradSp2) != 0;
   const T* row = static_cast<const T*>(row_v);
   T* out = static_cast<T*>(out_v);
   // Read the label's logit before the row is overwritten (out may alias row).
   const float x_label = kLogp ? load1<kDtype>(row[label]) * inv_temp : 0.0f;
-  const GradScalars c{Isa::set1(inv_temp), Isa::set1(lse), Isa::set1(E), Isa::set1(dl), Isa::set1(de)};
+  const GradScalars c{Isa::set1(inv_temp), Isa::set1(lse), Isa::set1(E), Isa::set1(dl), Isa::set1(de),
+                      Isa::set1(sp2), Isa::set1(2.0f * dq)};
   const int64_t V16 = Vn / kLanes * kLanes;
-  for (int64_t i = 0; i < V16; i += kLanes) store16<kDtype>(out + i, grad16<kLogp, kEntropy>(load16<kDtype>(row + i), c));
+  for (int64_t i = 0; i < V16; i += kLanes)
+    store16<kDtype>(out + i, grad16<kLogp, kEntropy, kSp2>(load16<kDtype>(row + i), c));
   if (V16 < Vn) {  // the tail through zero-padded vectors, stored with the same conversion
     const size_t bytes = static_cast<size_t>(Vn - V16) * sizeof(T);
     T in[kLanes] = {};
     T res[kLanes];
     std::memcpy(in, row + V16, bytes);
-    store16<kDtype>(res, grad16<kLogp, kEntropy>(load16<kDtype>(in), c));
+    store16<kDtype>(res, grad16<kLogp, kEntropy, kSp2>(load16<kDtype>(in), c));
     std::memcpy(out + V16, res, bytes);
   }
-  if constexpr (kLogp) out[label] = label_grad<kDtype, kEntropy>(x_label, c);
+  if constexpr (kLogp) out[label] = label_grad<kDtype, kEntropy, kSp2>(x_label, c);
 }
 
 // Flat-array versions of the loads, stores and exp above, for tests.
@@ -284,12 +297,15 @@ FASTRLHF_KERNEL void exp_n(const float* src, float* dst, int64_t n) {
 const RowKernels* table() {
   static const RowKernels kernels = {
       Isa::kName,
-      {{row_stats<kFloat32, false>, row_stats<kFloat32, true>},
-       {row_stats<kBFloat16, false>, row_stats<kBFloat16, true>},
-       {row_stats<kFloat16, false>, row_stats<kFloat16, true>}},
-      {{grad_row<kFloat32, kGradLogp>, grad_row<kFloat32, kGradEntropy>, grad_row<kFloat32, kGradBoth>},
-       {grad_row<kBFloat16, kGradLogp>, grad_row<kBFloat16, kGradEntropy>, grad_row<kBFloat16, kGradBoth>},
-       {grad_row<kFloat16, kGradLogp>, grad_row<kFloat16, kGradEntropy>, grad_row<kFloat16, kGradBoth>}},
+      {{row_stats<kFloat32, 0>, row_stats<kFloat32, 1>, row_stats<kFloat32, 2>, row_stats<kFloat32, 3>},
+       {row_stats<kBFloat16, 0>, row_stats<kBFloat16, 1>, row_stats<kBFloat16, 2>, row_stats<kBFloat16, 3>},
+       {row_stats<kFloat16, 0>, row_stats<kFloat16, 1>, row_stats<kFloat16, 2>, row_stats<kFloat16, 3>}},
+      {{nullptr, grad_row<kFloat32, 1>, grad_row<kFloat32, 2>, grad_row<kFloat32, 3>, grad_row<kFloat32, 4>,
+        grad_row<kFloat32, 5>, grad_row<kFloat32, 6>, grad_row<kFloat32, 7>},
+       {nullptr, grad_row<kBFloat16, 1>, grad_row<kBFloat16, 2>, grad_row<kBFloat16, 3>, grad_row<kBFloat16, 4>,
+        grad_row<kBFloat16, 5>, grad_row<kBFloat16, 6>, grad_row<kBFloat16, 7>},
+       {nullptr, grad_row<kFloat16, 1>, grad_row<kFloat16, 2>, grad_row<kFloat16, 3>, grad_row<kFloat16, 4>,
+        grad_row<kFloat16, 5>, grad_row<kFloat16, 6>, grad_row<kFloat16, 7>}},
       {to_f32<kFloat32>, to_f32<kBFloat16>, to_f32<kFloat16>},
       {from_f32<kFloat32>, from_f32<kBFloat16>, from_f32<kFloat16>},
       exp_n,

@@ -183,13 +183,13 @@ float load_one(int dtype, const char* row, int64_t i) {
 }
 
 void forward_impl(const RowsIn& x, const Labels& lab, float inv_temp, float* logp, float* ent, float* lse,
-                  int num_threads) {
+                  float* sp2, int num_threads) {
   const int64_t T_ = x.T, V = x.V, N = x.B * T_;
   const int64_t esize = element_bytes(x.dtype);
   const char* base = static_cast<const char*>(x.data);
   const RowKernels& k = active_kernels();
   const StatsFn stats_lse = k.stats[x.dtype][0];
-  const StatsFn stats_ent = k.stats[x.dtype][1];
+  const StatsFn stats_all = k.stats[x.dtype][(ent != nullptr ? kStatsEntropy : 0) | (sp2 != nullptr ? kStatsSp2 : 0)];
   [[maybe_unused]] const int nt = resolve_threads(num_threads, N * V);
   [[maybe_unused]] const int64_t chunk = rows_per_chunk(V);
   std::atomic<int64_t> first_bad{N};
@@ -206,28 +206,30 @@ void forward_impl(const RowsIn& x, const Labels& lab, float inv_temp, float* log
         continue;
       }
       const char* row = base + ((n / T_) * x.stride_b + (n % T_) * x.stride_t) * esize;
-      // lse is defined on every row (the _rows.py spec); entropy is skipped where it is 0 anyway.
-      const RowStats rs = (ent != nullptr && !ignored) ? stats_ent(row, V, inv_temp, buf)
-                                                       : stats_lse(row, V, inv_temp, buf);
+      // lse is defined on every row (the _rows.py spec); entropy and sum p^2 are skipped where they
+      // are 0 anyway.
+      const RowStats rs = !ignored ? stats_all(row, V, inv_temp, buf) : stats_lse(row, V, inv_temp, buf);
       lse[n] = rs.lse;
       if (logp != nullptr) logp[n] = ignored ? 0.0f : load_one(x.dtype, row, label) * inv_temp - rs.lse;
       if (ent != nullptr) ent[n] = ignored ? 0.0f : rs.ent;
+      if (sp2 != nullptr) sp2[n] = ignored ? 0.0f : rs.sp2;
     }
   }
   if (first_bad.load() < N) throw_bad_label(lab, first_bad.load(), V);
 }
 
 void backward_impl(const RowsIn& x, const Labels& lab, const float* lse, const float* ent, const float* dlogp,
-                   const float* dent, float inv_temp, void* out_data, int64_t osb, int64_t ost, int num_threads) {
+                   const float* dent, const float* sp2, const float* dsp2, float inv_temp, void* out_data, int64_t osb,
+                   int64_t ost, int num_threads) {
   const int64_t B = x.B, T_ = x.T, V = x.V, N = B * T_;
   const int64_t esize = element_bytes(x.dtype);
   const char* base = static_cast<const char*>(x.data);
   char* obase = static_cast<char*>(out_data);
   const bool has_logp = dlogp != nullptr;
   const bool has_ent = dent != nullptr;
-  const GradFn grad = has_logp && has_ent ? active_kernels().grad[x.dtype][kGradBoth]
-                      : has_logp          ? active_kernels().grad[x.dtype][kGradLogp]
-                                          : active_kernels().grad[x.dtype][kGradEntropy];
+  const bool has_sp2 = dsp2 != nullptr;
+  const GradFn grad = active_kernels().grad[x.dtype][(has_logp ? kGradLogp : 0) | (has_ent ? kGradEntropy : 0) |
+                                                     (has_sp2 ? kGradSp2 : 0)];
   [[maybe_unused]] const int nt = resolve_threads(num_threads, N * V);
   [[maybe_unused]] const int64_t chunk = rows_per_chunk(V);
   std::atomic<int64_t> first_bad{N};
@@ -244,7 +246,7 @@ void backward_impl(const RowsIn& x, const Labels& lab, const float* lse, const f
     bool ignored, bad;
     const int64_t label = read_label(lab, n, &ignored, &bad, V);
     if (bad) record_bad(&first_bad, n);
-    if (ignored || bad || !(has_logp || has_ent)) {
+    if (ignored || bad || !(has_logp || has_ent || has_sp2)) {
       std::memset(out, 0, static_cast<size_t>(V * esize));  // +0 in every dtype
       continue;
     }
@@ -252,7 +254,8 @@ void backward_impl(const RowsIn& x, const Labels& lab, const float* lse, const f
     const float dl = has_logp ? dlogp[n] : 0.0f;
     const float de = has_ent ? dent[n] : 0.0f;
     const float E = has_ent ? lse[n] - ent[n] : 0.0f;  // E = sum(p * x)
-    grad(row, out, V, has_logp ? label : -1, inv_temp, lse[n], E, dl, de);
+    grad(row, out, V, has_logp ? label : -1, inv_temp, lse[n], E, dl, de, has_sp2 ? sp2[n] : 0.0f,
+         has_sp2 ? dsp2[n] : 0.0f);
   }
   if (first_bad.load() < N) throw_bad_label(lab, first_bad.load(), V);
 }
@@ -268,26 +271,27 @@ void check_common(const RowsIn& x, const Labels& lab) {
 }  // namespace
 
 void row_forward(const RowsIn& x, const Labels& labels, float inv_temp, float* logp, float* ent, float* lse,
-                 int num_threads) {
+                 float* sp2, int num_threads) {
   check_common(x, labels);
   if (lse == nullptr) throw std::invalid_argument("lse output pointer is null");
   if (logp != nullptr && labels.data == nullptr) throw std::invalid_argument("logp output requires labels");
   if (x.dtype != kFloat32 && x.dtype != kBFloat16 && x.dtype != kFloat16)
     throw std::invalid_argument("unsupported logits dtype code " + std::to_string(x.dtype));
-  forward_impl(x, labels, inv_temp, logp, ent, lse, num_threads);
+  forward_impl(x, labels, inv_temp, logp, ent, lse, sp2, num_threads);
 }
 
 void row_backward(const RowsIn& x, const Labels& labels, const float* lse, const float* ent, const float* dlogp,
-                  const float* dent, float inv_temp, void* out, int64_t out_stride_b, int64_t out_stride_t,
-                  int num_threads) {
+                  const float* dent, const float* sp2, const float* dsp2, float inv_temp, void* out,
+                  int64_t out_stride_b, int64_t out_stride_t, int num_threads) {
   check_common(x, labels);
   if (out == nullptr && x.B * x.T > 0) throw std::invalid_argument("gradient output pointer is null");
   if (lse == nullptr) throw std::invalid_argument("lse pointer is null");
   if (dlogp != nullptr && labels.data == nullptr) throw std::invalid_argument("dlogp requires labels");
   if (dent != nullptr && ent == nullptr) throw std::invalid_argument("dent requires the saved entropy");
+  if (dsp2 != nullptr && sp2 == nullptr) throw std::invalid_argument("dsp2 requires the saved sum p^2");
   if (x.dtype != kFloat32 && x.dtype != kBFloat16 && x.dtype != kFloat16)
     throw std::invalid_argument("unsupported logits dtype code " + std::to_string(x.dtype));
-  backward_impl(x, labels, lse, ent, dlogp, dent, inv_temp, out, out_stride_b, out_stride_t, num_threads);
+  backward_impl(x, labels, lse, ent, dlogp, dent, sp2, dsp2, inv_temp, out, out_stride_b, out_stride_t, num_threads);
 }
 
 const RowKernels& active_kernels() { return *active_table().load(std::memory_order_relaxed); }

@@ -36,17 +36,18 @@ struct Labels {
   int64_t ignore_index;
 };
 
-// Fills lse[N] and, when non-null, logp[N] (requires labels) and ent[N].
+// Fills lse[N] and, when non-null, logp[N] (requires labels), ent[N] and sp2[N] (sum p^2).
 // Throws std::invalid_argument on an out-of-range label (after the pass; nothing is read out
 // of bounds).
 void row_forward(const RowsIn& x, const Labels& labels, float inv_temp, float* logp, float* ent, float* lse,
-                 int num_threads);
+                 float* sp2, int num_threads);
 
 // Writes d/dlogits into out ([B, T, V] of x's dtype, strides out_stride_b / out_stride_t; may
-// alias x). dlogp (requires labels) and dent (requires ent) may be null: that term is 0.
+// alias x). dlogp (requires labels), dent (requires ent) and dsp2 (requires sp2) may be null: that
+// term is 0. The sum p^2 term is inv_temp * 2 dsp2 * p * (p - sp2).
 void row_backward(const RowsIn& x, const Labels& labels, const float* lse, const float* ent, const float* dlogp,
-                  const float* dent, float inv_temp, void* out, int64_t out_stride_b, int64_t out_stride_t,
-                  int num_threads);
+                  const float* dent, const float* sp2, const float* dsp2, float inv_temp, void* out,
+                  int64_t out_stride_b, int64_t out_stride_t, int num_threads);
 
 // ---------------------------------------------------------------------------------------
 // Scalar dtype conversions: the portable kernels, row tails and single elements (the label

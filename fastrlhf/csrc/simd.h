@@ -30,23 +30,27 @@ constexpr int64_t kBufFloats = kBlock + kLanes;
 struct RowStats {
   float lse;
   float ent;
+  float sp2;  // sum p^2
 };
 
-// One row of V logits (dtype of the table slot) -> lse, and the entropy when asked.
+// One row of V logits (dtype of the table slot) -> lse, and the entropy / sum p^2 when asked.
 using StatsFn = RowStats (*)(const void* row, int64_t V, float inv_temp, float* buf);
 // One row's gradient into out (may alias row); label < 0 when there is no logp term.
 using GradFn = void (*)(const void* row, void* out, int64_t V, int64_t label, float inv_temp, float lse, float E,
-                        float dlogp, float dent);
+                        float dlogp, float dent, float sp2, float dsp2);
 using ToF32Fn = void (*)(const void* src, float* dst, int64_t n);
 using FromF32Fn = void (*)(const float* src, void* dst, int64_t n);
 using ExpFn = void (*)(const float* src, float* dst, int64_t n);
 
-enum GradKind : int { kGradLogp = 0, kGradEntropy = 1, kGradBoth = 2 };
+// The terms of a gradient pass, as a bit mask (0 is unused: nothing to differentiate).
+enum GradTerm : int { kGradLogp = 1, kGradEntropy = 2, kGradSp2 = 4, kGradKinds = 8 };
+// The forward's optional accumulators, as a bit mask.
+enum StatsTerm : int { kStatsEntropy = 1, kStatsSp2 = 2, kStatsKinds = 4 };
 
 struct RowKernels {
   const char* name;
-  StatsFn stats[3][2];  // [DType][with entropy]
-  GradFn grad[3][3];    // [DType][GradKind]
+  StatsFn stats[3][kStatsKinds];  // [DType][StatsTerm mask]
+  GradFn grad[3][kGradKinds];     // [DType][GradTerm mask]; [0] is nullptr
   // The loads, stores and exp of the row passes over flat arrays, for tests
   // (fastrlhf._C.simd_convert / simd_exp).
   ToF32Fn to_f32[3];

@@ -13,12 +13,16 @@ Math, per row with ``x = logits[n] / temperature``:
   Gradient, with ``p = exp(x - lse)`` and ``E = sum(p * x) = lse - H``:
     d logp / dx_j = onehot_j - p_j
     d H    / dx_j = -p_j * (x_j - E)
-    dlogits_j     = (dlogp * (onehot_j - p_j) - dH * p_j * (x_j - E)) / temperature
+    sum_p2  = sum p^2 = S2 / S^2,  S2 = sum e^2  (optional: one more accumulator, ``HAS_SP2``)
+    d sum_p2 / dx_j = 2 p_j (p_j - sum_p2)
+    dlogits_j     = (dlogp * (onehot_j - p_j) - dH * p_j * (x_j - E) + 2 dQ * p_j (p_j - sum_p2)) / temperature
   Both kernels work in base 2 (one ``MUFU.EX2`` per element, its exponent one FFMA):
   ``y = x * c - K`` with ``c = log2(e) / temperature``, so ``exp(x / T - k) = 2^y``; and with
   ``x - E = y ln2 + H`` (``K`` = lse in log2 units) the whole gradient is
   ``dlogits = p * (A + B * y) + onehot * dlogp / T`` with per-row scalars
-  ``A = -(dlogp + dH * H) / T``, ``B = -dH ln2 / T``: one FFMA and one FMUL per element.
+  ``A = -(dlogp + dH * H) / T``, ``B = -dH ln2 / T``: one FFMA and one FMUL per element. A ``sum_p2``
+  gradient (``HAS_DSP2``) makes it ``p * (A + B * y + C * p)`` with ``C = 2 dQ / T`` and
+  ``A -= 2 dQ sum_p2 / T``: one more FFMA per element.
 
 Shapes: logits ``[B, T, V]`` as a strided view (2-D ``[N, V]`` is ``[1, N, V]``); labels
 ``[N]``; outputs ``logp``, ``entropy``, ``lse`` ``[N]``.
@@ -81,13 +85,15 @@ def fast_exp2(y, USE_PTX: tl.constexpr):
 
 
 @triton.jit
-def online_lse_block(x, m, m2, s, sx, c, HAS_ENTROPY: tl.constexpr, USE_PTX: tl.constexpr):
+def online_lse_block(x, m, m2, s, sx, s2, c, HAS_ENTROPY: tl.constexpr, HAS_SP2: tl.constexpr,
+                     USE_PTX: tl.constexpr):
     """Fold a ``[THREADS, R, VEC]`` block of raw fp32 logits (-inf where masked; thread t holds
     ``x[t]``) into per-thread state ``[THREADS]``: ``m`` max of raw x, ``m2 = fl(m c)`` (-inf
     before any finite logit), ``s = sum 2^(x c - m2)``, ``sx = sum 2^y y`` (base 2).
 
     Online logsumexp per thread: with m2' = fl(max(m, max(x_blk)) c),
       s' = s 2^(m2 - m2') + sum 2^y,  sx' = 2^(m2 - m2') (sx + s (m2 - m2')) + sum 2^y y,
+      s2' = s2 2^(2 (m2 - m2')) + sum 2^(2y)  (sum p^2 = s2 / s^2),
       y = x_blk c - m2' (one FFMA).
     ``m2`` is carried, not recomputed as ``m * c``: the compiler contracts ``m * c - m2'`` into an
     FFMA, which makes the rescale 2^(rounding residual of m c) != 1 on every block where the max
@@ -103,18 +109,22 @@ def online_lse_block(x, m, m2, s, sx, c, HAS_ENTROPY: tl.constexpr, USE_PTX: tl.
     if HAS_ENTROPY:
         shift = tl.where(s > 0, s * (m2 - m2_y), 0.0)  # s = 0 while m2 = -inf: not 0 * -inf
         sx = alpha * (sx + shift) + tl.sum(tl.sum(e * tl.maximum(y, Y_MIN), 2), 1)
+    if HAS_SP2:
+        s2 = s2 * (alpha * alpha) + tl.sum(tl.sum(e * e, 2), 1)
     s = s * alpha + tl.sum(tl.sum(e, 2), 1)
-    return m_new, m2_new, s, sx
+    return m_new, m2_new, s, sx, s2
 
 
 @triton.jit
-def finish_lse(m, m2, s, sx, c, inv_temp, HAS_ENTROPY: tl.constexpr, USE_PTX: tl.constexpr):
+def finish_lse(m, m2, s, sx, s2, c, inv_temp, HAS_ENTROPY: tl.constexpr, HAS_SP2: tl.constexpr,
+               USE_PTX: tl.constexpr):
     """Combine the per-thread state of ``online_lse_block``: ``(lse, entropy)`` in natural units.
 
     With M the row max and M2 = fl(M c) = max of the threads' m2 (= M c - d, d the FFMA-exact
     rounding residual), the sums are S = sum 2^(x c - M2) = 2^d sum e^((x - M) / T):
     lse = M / T + ln S - d ln2 keeps lse exact to fp32 even when |logits| ~ 1e4 (the residual
-    would otherwise shift every term). In the entropy d cancels: H = ln S - ln2 SX / S."""
+    would otherwise shift every term). In the entropy d cancels: H = ln S - ln2 SX / S; in
+    sum p^2 = S2 / S^2 too (S2 carries 2^(2d))."""
     big_m = tl.max(m, 0)
     big_m2 = tl.max(m2, 0)
     big_m2 = tl.where(big_m2 == float("-inf"), 0.0, big_m2)
@@ -127,13 +137,16 @@ def finish_lse(m, m2, s, sx, c, inv_temp, HAS_ENTROPY: tl.constexpr, USE_PTX: tl
     if HAS_ENTROPY:
         big_sx = tl.sum(a * (sx + tl.where(s > 0, s * (m2 - big_m2), 0.0)), 0)
         ent = log_s - LN2 * big_sx / big_s
-    return lse, ent
+    sp2 = log_s
+    if HAS_SP2:
+        sp2 = tl.sum(s2 * (a * a), 0) / (big_s * big_s)
+    return lse, ent, sp2
 
 
 @triton.jit
 def _logprobs_fwd_kernel(
     # pointers
-    logits_ptr, labels_ptr, logp_ptr, ent_ptr, lse_ptr,
+    logits_ptr, labels_ptr, logp_ptr, ent_ptr, lse_ptr, sp2_ptr,
     # sizes
     T, V,
     # strides (elements)
@@ -141,7 +154,7 @@ def _logprobs_fwd_kernel(
     # scalars
     inv_temp, ignore_index,
     # meta
-    HAS_LABELS: tl.constexpr, HAS_ENTROPY: tl.constexpr, USE_PTX: tl.constexpr,
+    HAS_LABELS: tl.constexpr, HAS_ENTROPY: tl.constexpr, HAS_SP2: tl.constexpr, USE_PTX: tl.constexpr,
     BLOCK_V: tl.constexpr, THREADS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -163,42 +176,49 @@ def _logprobs_fwd_kernel(
     m2 = tl.full([THREADS], float("-inf"), tl.float32)
     s = tl.zeros([THREADS], dtype=tl.float32)
     sx = tl.zeros([THREADS], dtype=tl.float32)
+    s2 = tl.zeros([THREADS], dtype=tl.float32)
     # Full blocks without a mask; an ignored row runs none of them (the bound is 0) and loads
     # nothing in the tail, so padding costs neither bandwidth nor issue slots.
     n_full = V // BLOCK_V
     for i in range(0, tl.where(valid, n_full, 0)):
         x = tl.load(row_ptr + (i * BLOCK_V + cols).to(tl.int64) * stride_lv).to(tl.float32)
-        m, m2, s, sx = online_lse_block(x, m, m2, s, sx, c, HAS_ENTROPY, USE_PTX)
+        m, m2, s, sx, s2 = online_lse_block(x, m, m2, s, sx, s2, c, HAS_ENTROPY, HAS_SP2, USE_PTX)
     offs = n_full * BLOCK_V + cols
     x = tl.load(row_ptr + offs.to(tl.int64) * stride_lv, mask=offs < tl.where(valid, V, 0), other=float("-inf"))
-    m, m2, s, sx = online_lse_block(x.to(tl.float32), m, m2, s, sx, c, HAS_ENTROPY, USE_PTX)
-    lse, ent = finish_lse(m, m2, s, sx, c, inv_temp, HAS_ENTROPY, USE_PTX)
+    m, m2, s, sx, s2 = online_lse_block(x.to(tl.float32), m, m2, s, sx, s2, c, HAS_ENTROPY, HAS_SP2, USE_PTX)
+    lse, ent, sp2 = finish_lse(m, m2, s, sx, s2, c, inv_temp, HAS_ENTROPY, HAS_SP2, USE_PTX)
     if HAS_LABELS:
         in_range = valid & (label >= 0) & (label < V)
         x_lab = tl.load(row_ptr + label * stride_lv, mask=in_range, other=0.0).to(tl.float32) * inv_temp
         tl.store(logp_ptr + row, tl.where(valid, x_lab - lse, 0.0))
         lse = tl.where(valid, lse, 0.0)
         ent = tl.where(valid, ent, 0.0)
+        sp2 = tl.where(valid, sp2, 0.0)
     tl.store(lse_ptr + row, lse)
     if HAS_ENTROPY:
         tl.store(ent_ptr + row, ent)
+    if HAS_SP2:
+        tl.store(sp2_ptr + row, sp2)
 
 
 @triton.jit
-def row_grad(x, c, k, a, bb, USE_PTX: tl.constexpr, HAS_DENT: tl.constexpr):
-    """``p (A + B y)`` (``p A`` without entropy) for raw fp32 logits ``x``; ``y = x c - K``."""
+def row_grad(x, c, k, a, bb, cc, USE_PTX: tl.constexpr, HAS_DENT: tl.constexpr, HAS_DSP2: tl.constexpr):
+    """``p (A + B y + C p)`` (``p A`` without entropy and sum_p2) for raw fp32 logits ``x``; ``y = x c - K``."""
     y = tl.fma(x, c, -k)
     p = fast_exp2(y, USE_PTX)
     if HAS_DENT:
-        return p * tl.fma(tl.maximum(y, Y_MIN), bb, a)  # clamp: p = 0 at x = -inf, not 0 * inf
+        t = tl.fma(tl.maximum(y, Y_MIN), bb, a)  # clamp: p = 0 at x = -inf, not 0 * inf
     else:
-        return p * a
+        t = a
+    if HAS_DSP2:
+        t = tl.fma(p, cc, t)
+    return p * t
 
 
 @triton.jit
 def _logprobs_bwd_kernel(
     # pointers
-    logits_ptr, labels_ptr, lse_ptr, ent_ptr, dlogp_ptr, dent_ptr, dlogits_ptr,
+    logits_ptr, labels_ptr, lse_ptr, ent_ptr, dlogp_ptr, dent_ptr, sp2_ptr, dsp2_ptr, dlogits_ptr,
     # sizes
     T, V, blocks_per_split,
     # strides (elements)
@@ -207,8 +227,8 @@ def _logprobs_bwd_kernel(
     # scalars
     inv_temp, ignore_index,
     # meta
-    HAS_LABELS: tl.constexpr, HAS_DLOGP: tl.constexpr, HAS_DENT: tl.constexpr, MANUAL_RTNE: tl.constexpr,
-    USE_PTX: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_LABELS: tl.constexpr, HAS_DLOGP: tl.constexpr, HAS_DENT: tl.constexpr, HAS_DSP2: tl.constexpr,
+    MANUAL_RTNE: tl.constexpr, USE_PTX: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # Grid (rows, splits): split k writes full blocks [k * blocks_per_split, ...) of the row, the
     # last split also the masked tail. No reduction, so the split (chosen from N) changes no bit.
@@ -243,9 +263,15 @@ def _logprobs_bwd_kernel(
         a = a - des * h
         bb = -des * LN2
         a = a - bb * d  # x - E = (y - d) ln2 + H
+    cc = 0.0
+    if HAS_DSP2:
+        dqs = tl.where(valid, tl.load(dsp2_ptr + row) * inv_temp, 0.0)
+        a = a - 2.0 * dqs * tl.load(sp2_ptr + row)
+        cc = 2.0 * dqs
     scale = tl.exp2(-d)
     a = a * scale
     bb = bb * scale
+    cc = cc * (scale * scale)  # p_true^2 = (2^y)^2 2^(-2d)
     # The one-hot column: read before any store (in-place backward overwrites the logits), added
     # after the loop by the split that owns it (see below).
     has_hot = valid & (label >= 0) & (label < V)
@@ -258,7 +284,7 @@ def _logprobs_bwd_kernel(
     for i in range(0, tl.where(valid, n_mine, 0)):
         offs = (b0 + i) * BLOCK_V + cols
         x = tl.load(x_ptr + offs.to(tl.int64) * stride_lv).to(tl.float32)
-        g = row_grad(x, c, k, a, bb, USE_PTX, HAS_DENT)
+        g = row_grad(x, c, k, a, bb, cc, USE_PTX, HAS_DENT, HAS_DSP2)
         if MANUAL_RTNE:
             g = to_bf16_rtne(g)
         tl.store(g_ptr + offs.to(tl.int64) * stride_gv, g.to(dlogits_ptr.dtype.element_ty))
@@ -269,7 +295,7 @@ def _logprobs_bwd_kernel(
     offs = n_full * BLOCK_V + cols
     hi = tl.where(is_last, V, 0)
     x = tl.load(x_ptr + offs.to(tl.int64) * stride_lv, mask=offs < tl.where(valid, hi, 0), other=float("-inf"))
-    g = row_grad(x.to(tl.float32), c, k, a, bb, USE_PTX, HAS_DENT)
+    g = row_grad(x.to(tl.float32), c, k, a, bb, cc, USE_PTX, HAS_DENT, HAS_DSP2)
     g = tl.where(valid, g, 0.0)  # exactly 0 on ignored rows whatever their saved lse (tail only)
     if MANUAL_RTNE:
         g = to_bf16_rtne(g)
@@ -282,7 +308,7 @@ def _logprobs_bwd_kernel(
         lo_hot = tl.minimum(b0, n_full) * BLOCK_V
         hi_hot = tl.where(is_last, V, (b0 + n_mine) * BLOCK_V)
         mine = has_hot & (label >= lo_hot) & (label < hi_hot)
-        g_hot = row_grad(x_hot + tl.zeros([1], tl.float32), c, k, a, bb, USE_PTX, HAS_DENT) + dls
+        g_hot = row_grad(x_hot + tl.zeros([1], tl.float32), c, k, a, bb, cc, USE_PTX, HAS_DENT, HAS_DSP2) + dls
         if MANUAL_RTNE:
             g_hot = to_bf16_rtne(g_hot)
         tl.debug_barrier()
@@ -310,9 +336,10 @@ def logprobs_forward(
     logp: Optional[torch.Tensor],
     ent: Optional[torch.Tensor],
     lse: torch.Tensor,
+    sp2: Optional[torch.Tensor] = None,
 ) -> None:
     """Row forward (see ``fastrlhf._rows``): fills ``logp [N]`` (when labels are given),
-    ``ent [N]`` (when given) and ``lse [N]``, fp32 buffers allocated by the caller.
+    ``ent [N]`` and ``sp2 [N]`` (sum p^2; when given) and ``lse [N]``, fp32 buffers allocated by the caller.
 
     One program per row, never split across programs: the per-row reduction order then depends
     only on V, so a row's bits do not depend on the batch size or its position in it."""
@@ -324,11 +351,11 @@ def logprobs_forward(
     block_v, num_warps = launch_config(V)
     _logprobs_fwd_kernel[(N,)](
         x3, labels if labels is not None else lse, logp if logp is not None else lse,
-        ent if ent is not None else lse, lse,
+        ent if ent is not None else lse, lse, sp2 if sp2 is not None else lse,
         T, V,
         *x3.stride(),
         inv_temp, ignore_index,
-        HAS_LABELS=labels is not None, HAS_ENTROPY=want_entropy, USE_PTX=use_ptx(x3),
+        HAS_LABELS=labels is not None, HAS_ENTROPY=want_entropy, HAS_SP2=sp2 is not None, USE_PTX=use_ptx(x3),
         BLOCK_V=block_v, THREADS=32 * num_warps, num_warps=num_warps,
     )
 
@@ -353,6 +380,8 @@ def logprobs_backward(
     inv_temp: float,
     ignore_index: int,
     out3: torch.Tensor,
+    sp2: Optional[torch.Tensor] = None,
+    dsp2: Optional[torch.Tensor] = None,
 ) -> None:
     """Row backward (see ``fastrlhf._rows``): writes the logits' gradient into ``out3`` (may alias ``x3``)."""
     B, T, V = x3.shape
@@ -361,6 +390,8 @@ def logprobs_backward(
         return
     if dent is not None and ent is None:
         raise ValueError("an entropy gradient needs the saved entropy")
+    if dsp2 is not None and sp2 is None:
+        raise ValueError("a sum_p2 gradient needs the saved sum_p2")
     block_v, num_warps = launch_config(V)
     splits = grad_splits(N, V, block_v, x3.device)
     blocks_per_split = triton.cdiv(V // block_v, splits)
@@ -368,12 +399,13 @@ def logprobs_backward(
         splits = triton.cdiv(V // block_v, blocks_per_split)  # no split without a full block
     _logprobs_bwd_kernel[(N, splits)](
         x3, labels if labels is not None else lse, lse, ent if ent is not None else lse,
-        dlogp if dlogp is not None else lse, dent if dent is not None else lse, out3,
+        dlogp if dlogp is not None else lse, dent if dent is not None else lse,
+        sp2 if sp2 is not None else lse, dsp2 if dsp2 is not None else lse, out3,
         T, V, blocks_per_split,
         *x3.stride(),
         *out3.stride(),
         inv_temp, ignore_index,
         HAS_LABELS=labels is not None, HAS_DLOGP=dlogp is not None, HAS_DENT=dent is not None,
-        MANUAL_RTNE=interpreted() and out3.dtype == torch.bfloat16, USE_PTX=use_ptx(x3), BLOCK_V=block_v,
-        num_warps=num_warps,
+        HAS_DSP2=dsp2 is not None, MANUAL_RTNE=interpreted() and out3.dtype == torch.bfloat16, USE_PTX=use_ptx(x3),
+        BLOCK_V=block_v, num_warps=num_warps,
     )
