@@ -195,16 +195,18 @@ def _prepare(hidden, weight, bias, labels, temperature, ignore_index, chunk_size
 
 
 def _linear_forward(hidden, weight, bias, labels, temperature, ignore_index, want_entropy, chunk_size, accum_dtype,
-                    backend):
-    """Checks, then ``(logp, ent)`` shaped like ``labels`` (``ent`` None unless wanted)."""
+                    backend, want_sp2=False):
+    """Checks, then ``(logp, ent)`` shaped like ``labels`` (``ent`` None unless wanted); ``want_sp2``:
+    ``(logp, ent, sum_p2)``."""
     h2, weight, bias, lab, temperature, backend, chunk, accum_dtype = _prepare(
         hidden, weight, bias, labels, temperature, ignore_index, chunk_size, accum_dtype, backend
     )
-    logp, ent = LinearLogprobsEntropy.apply(
-        h2, weight, bias, lab, temperature, ignore_index, want_entropy, backend, chunk, accum_dtype
+    logp, ent, sp2 = LinearLogprobsEntropy.apply(
+        h2, weight, bias, lab, temperature, ignore_index, want_entropy, backend, chunk, accum_dtype, want_sp2
     )
     shape = labels.shape
-    return logp.view(shape), (ent.view(shape) if ent is not None else None)
+    out = logp.view(shape), (ent.view(shape) if ent is not None else None)
+    return out + (sp2.view(shape),) if want_sp2 else out
 
 
 def _use_fused_ppo(hidden, weight, bias, data) -> bool:
@@ -312,15 +314,17 @@ def linear_token_logprobs_and_entropy(
     accum_dtype: Optional[torch.dtype] = None,
     backend: str = "auto",
     process_group=None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    sum_p_squared: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """``(logp, entropy)`` per token from ``hidden @ weight.T + bias``; both differentiable.
 
     Same values as :func:`fastrlhf.token_logprobs_and_entropy` on the full logits (both 0 where
-    ``labels == ignore_index``). Arguments as :func:`linear_token_logprobs`.
+    ``labels == ignore_index``); ``sum_p_squared=True`` adds ``sum_p2 = sum_v softmax(x)_v^2``
+    (differentiable, same pass). Arguments as :func:`linear_token_logprobs`.
     """
     _no_process_group(process_group)
     return _linear_forward(hidden, weight, bias, labels, temperature, ignore_index, True, chunk_size,
-                           accum_dtype, backend)
+                           accum_dtype, backend, want_sp2=bool(sum_p_squared))
 
 
 def linear_ppo_clip_loss(

@@ -132,6 +132,8 @@ def ppo_clip_loss(
     inplace_backward: bool = False,
     backend: str = "auto",
     process_group=None,
+    support=None,
+    top_k: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Stats]:
     """PPO-clip policy loss from logits (Schulman et al. 2017, eq. 7) on the fused logprob pass.
 
@@ -165,7 +167,7 @@ def ppo_clip_loss(
     want_entropy = opts["entropy_coef"] > 0 or compute_entropy
     labels = mask_as_ignored(labels, mask, ignore_index)
     out = token_values(logits, labels, temperature, ignore_index, True, want_entropy, inplace_backward, backend,
-                       process_group, offset)
+                       process_group, offset, support=support, top_k=top_k)  # sampler support: fastrlhf.support
     logp, ent = out if want_entropy else (out, None)
     counted = counted_tokens(labels, None, ignore_index)
     return policy_loss_from_logprobs(logp, counted, old_logprobs, advantages, entropy=ent,

@@ -73,9 +73,17 @@ def token_logprobs_and_entropy(
     temperature: float = 1.0,
     ignore_index: int = -100,
     upcast: bool = True,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(logp, entropy)`` per token; 0 (and zero gradient) where ``labels == ignore_index``."""
+    sum_p_squared: bool = False,
+    support=None,
+    top_k: Optional[int] = None,
+) -> Tuple[torch.Tensor, ...]:
+    """``(logp, entropy)`` per token; 0 (and zero gradient) where ``labels == ignore_index``.
+
+    ``sum_p_squared``: also ``sum_p2 = sum softmax(x)^2``. ``support`` / ``top_k``: every value over the
+    distribution renormalised on the kept set (the logits masked to -inf outside it)."""
     x = logits.to(_compute_dtype(logits, upcast)) / temperature  # [..., V]
+    if support is not None or top_k is not None:
+        x = x + support_mask(logits, support, top_k, temperature).to(x.dtype)  # [..., V] -inf outside S
     logsm = torch.log_softmax(x, dim=-1)  # [..., V]  reads V, writes V (the tensor we avoid)
     valid = labels != ignore_index  # [...]
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
@@ -86,7 +94,10 @@ def token_logprobs_and_entropy(
     ent = -(p * _finite_or_zero(logsm, p)).sum(-1)  # [...]
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     out_dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
-    return torch.where(valid, logp, zero).to(out_dtype), torch.where(valid, ent, zero).to(out_dtype)
+    out = torch.where(valid, logp, zero).to(out_dtype), torch.where(valid, ent, zero).to(out_dtype)
+    if sum_p_squared:
+        out = out + (torch.where(valid, (p * p).sum(-1), zero).to(out_dtype),)
+    return out
 
 
 def token_logprobs(
@@ -96,9 +107,14 @@ def token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     upcast: bool = True,
+    support=None,
+    top_k: Optional[int] = None,
 ) -> torch.Tensor:
-    """``logp = x[label] - logsumexp(x)``, ``x = logits / temperature``."""
+    """``logp = x[label] - logsumexp(x)``, ``x = logits / temperature`` (``support`` / ``top_k``: the
+    logsumexp over the kept set only)."""
     x = logits.to(_compute_dtype(logits, upcast)) / temperature  # [..., V] (a copy unless fp32 and T = 1)
+    if support is not None or top_k is not None:
+        x = x + support_mask(logits, support, top_k, temperature).to(x.dtype)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
     # The composition everyone writes first: [..., V] log-softmax saved for backward, then a gather.
@@ -808,3 +824,26 @@ def estimate_advantages(
         tok, _ = _outcome_token_rewards(rewards, mask, logprobs, ref_logprobs, kl_coef, kl_estimator)
         return gae(tok, values, mask, gamma=gamma, lam=lam)
     raise ValueError(f"unknown estimator {estimator!r}")
+
+
+# ----------------------------------------------------------------------------------------
+# Sampler support (top-k / top-p kept sets)
+# ----------------------------------------------------------------------------------------
+
+
+def support_mask(logits: torch.Tensor, support=None, top_k: Optional[int] = None,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """``[..., V]`` fp64: 0 on each row's kept set, -inf elsewhere. ``support=(token_ids, offsets)``
+    is vLLM's CSR (row n keeps ``token_ids[offsets[n]:offsets[n+1]]``); ``top_k`` keeps the k largest
+    tempered fp32 logits ``logits * (1 / T)`` (ties as ``torch.topk``)."""
+    V = logits.shape[-1]
+    N = logits.numel() // V
+    mask = torch.full((N, V), float("-inf"), dtype=torch.float64, device=logits.device)  # [N, V]
+    if top_k is not None:
+        x = logits.reshape(N, V).float() * (1.0 / temperature)
+        mask.scatter_(1, torch.topk(x, top_k, dim=-1).indices, 0.0)
+    else:
+        ids, off = support
+        rows = torch.repeat_interleave(torch.arange(N, device=logits.device), (off[1:] - off[:-1]).long())
+        mask[rows, ids.long()] = 0.0
+    return mask.view(logits.shape)
