@@ -370,7 +370,8 @@ class LinearTokenSeparableLoss(torch.autograd.Function):
             for r0, r1 in _chunk_bounds(n_keep, chunk):
                 h_c = _take(hidden, rows, r0, r1)  # [n, H]
                 lab_c = _take(labels, rows, r0, r1)
-                g = _chunk_logits(h_c, weight, bias)  # [n, V] logits, then overwritten by their gradient
+                # [n, V] logits (the GEMM padded as in LinearLogprobsEntropy: the same bits), then their gradient
+                g = _chunk_logits(_padded_rows(h_c), weight, bias)[: r1 - r0]
                 g3 = g.unsqueeze(0)  # [1, n, V]
                 lp, en, ls = row_forward(backend, g3, lab_c, inv_temp, ignore_index, want_entropy)
                 _put(logp, rows, r0, r1, lp)
