@@ -100,8 +100,6 @@ class TestLogProbEntropy:
 
     def test_torch_compile_fullgraph(self, backend):
         """trl tests/test_kernels.py::TestLogProbEntropy::test_torch_compile_fullgraph."""
-        if backend != "torch":
-            pytest.skip("fullgraph compile of the triton/native row kernels is issue 14's work (not landed)")
         torch.manual_seed(0)
         logits = torch.randn(2, 3, 257, device=torch_device, dtype=torch.bfloat16, requires_grad=True)
         index = torch.randint(257, (2, 3), device=torch_device)
