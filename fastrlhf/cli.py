@@ -88,7 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lora-r", type=int, default=0, help="LoRA rank through peft (0: full fine-tuning)")
     t.add_argument("--no-fused-linear", action="store_true", help="materialize logits (for comparison)")
     t.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
-    t.add_argument("--device", help="default: cuda if available, else cpu")
+    t.add_argument("--device", help="default: cuda if available (cuda:LOCAL_RANK under a launcher), else cpu")
+    t.add_argument("--distributed", choices=("auto", "none", "ddp", "fsdp2"),
+                   help="engine under torchrun / accelerate launch (auto: ddp when WORLD_SIZE > 1)")
+    t.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="compute dtype over fp32 master weights (auto: bf16 on CUDA)")
+    t.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute decoder-layer activations in backward")
+    t.add_argument("--cpu-offload", action="store_true", default=None,
+                   help="fsdp2: sharded parameters, gradients and optimizer state in host memory")
+    t.add_argument("--optim", choices=("adamw", "adafactor", "adamw_8bit"), help="optimizer (default adamw)")
+    t.add_argument("--generation-batch-size", type=int, help="grpo/ppo/rrhf/rft: prompts per generate call")
+    t.add_argument("--max-prompt-length", type=int, help="prompts keep their last N tokens")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.add_argument("--no-plot", action="store_true", help="skip curves.png")
     sub.add_parser("bench", help="benchmarks (fastrlhf.bench; arguments are passed through)", add_help=False)
@@ -101,7 +112,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run_bench(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "train":
-        train(args)
+        from .algos.engine import shutdown
+
+        try:
+            train(args)
+        finally:
+            shutdown()
     return 0
 
 
@@ -141,6 +157,17 @@ def _restore_args(args: argparse.Namespace) -> argparse.Namespace:
     return ns
 
 
+def _absolute_paths(args: argparse.Namespace) -> None:
+    """Local paths in ``args`` made absolute (a ``file.py:function`` reward too)."""
+    for key in ("output_dir", "model", "dataset", "reward_model", "resume"):
+        if getattr(args, key, None):
+            setattr(args, key, os.path.abspath(getattr(args, key)))
+    fn = getattr(args, "reward_fn", None)
+    if fn and ":" in fn and os.path.exists(fn.rsplit(":", 1)[0]):
+        path, name = fn.rsplit(":", 1)
+        args.reward_fn = f"{os.path.abspath(path)}:{name}"
+
+
 def _config(args, cls, embedded: bool):
     """The algorithm's config: dataclass defaults, then the embedded task's, then the command line's."""
     import dataclasses
@@ -161,32 +188,36 @@ def _model_and_tokenizer(args, embedded: bool, warmup_rows, device: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .algos.models import attn_implementation, load_causal_lm
-    from .algos.trainer import seed_everything, supervised_finetune
     from .algos.task import tiny_causal_lm
     from .algos.tokenizer import build_char_tokenizer
+    from .algos.trainer import seed_everything, supervised_finetune
 
     if not embedded:
         return load_causal_lm(args.model, device)
+    from .algos import engine
+
     init = os.path.join(args.output_dir, "init")
-    if args.resume and os.path.isdir(init):  # a resumed run starts from the same warmed-up model
+    model = None
+    if engine.is_main() and not (args.resume and os.path.isdir(init)):  # rank 0 builds and warms up the model
+        seed_everything(args.seed)
+        tok = build_char_tokenizer()
+        model = tiny_causal_lm(len(tok), tokenizer=tok, seed=args.seed, device=device)
+        warmup = args.warmup_steps if args.warmup_steps is not None else TASK_DEFAULTS[args.algo]["warmup_steps"]
+        if warmup_rows and warmup > 0:
+            t0 = time.perf_counter()
+            losses = supervised_finetune(model, tok, warmup_rows, steps=warmup, seed=args.seed,
+                                         fused_linear=not args.no_fused_linear, progress=not args.no_progress)
+            print(f"supervised warm-up: {warmup} steps, NLL {losses[0]:.3f} -> {losses[-1]:.3f} "
+                  f"({time.perf_counter() - t0:.1f} s)")
+        model.save_pretrained(init)
+        tok.save_pretrained(init)
+    engine.barrier()  # the other ranks (and a resumed run) load the same warmed-up model from init/
+    if model is None:
         tok = AutoTokenizer.from_pretrained(init, local_files_only=True)
         tok.padding_side = "left"
         model = AutoModelForCausalLM.from_pretrained(
             init, local_files_only=True, attn_implementation=attn_implementation(device)
         ).to(device)
-        return model, tok
-    seed_everything(args.seed)
-    tok = build_char_tokenizer()
-    model = tiny_causal_lm(len(tok), tokenizer=tok, seed=args.seed, device=device)
-    warmup = args.warmup_steps if args.warmup_steps is not None else TASK_DEFAULTS[args.algo]["warmup_steps"]
-    if warmup_rows and warmup > 0:
-        t0 = time.perf_counter()
-        losses = supervised_finetune(model, tok, warmup_rows, steps=warmup, seed=args.seed,
-                                     fused_linear=not args.no_fused_linear, progress=not args.no_progress)
-        print(f"supervised warm-up: {warmup} steps, NLL {losses[0]:.3f} -> {losses[-1]:.3f} "
-              f"({time.perf_counter() - t0:.1f} s)")
-    model.save_pretrained(init)
-    tok.save_pretrained(init)
     return model, tok
 
 
@@ -257,28 +288,36 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         RewardModelConfig,
         RFTConfig,
         RRHFConfig,
+        engine,
     )
-    from .algos.rewards import load_reward_fn, reward_model_fn
     from .algos.data import load_jsonl
+    from .algos.rewards import load_reward_fn, reward_model_fn
     from .algos.task import ArithmeticTask, greedy_accuracy
 
     if args.resume:
         args = _restore_args(args)
-    if args.output_dir is None:
-        args.output_dir = os.path.join("runs", f"{args.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if not args.resume and os.path.exists(os.path.join(args.output_dir, "args.json")):
-        if not args.overwrite:
-            raise SystemExit(f"{args.output_dir} already holds a run: pass --resume {args.output_dir} to continue "
-                             "it, or --overwrite to start over")
-        shutil.rmtree(args.output_dir)
-    os.makedirs(args.output_dir, exist_ok=True)
-    if not args.resume:
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump({**vars(args), "resume": None}, f, indent=1)
+    device = str(engine.local_device(args.device))
+    engine.init_distributed(args.distributed, torch.device(device))  # every rank, before any file is touched
+    if args.output_dir is None:  # rank 0's timestamp names the run on every rank
+        args.output_dir = engine.broadcast_object(
+            os.path.join("runs", f"{args.algo}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    _absolute_paths(args)  # so that --resume works from any working directory
+    held = not args.resume and os.path.exists(os.path.join(args.output_dir, "args.json"))
+    if held and not args.overwrite:
+        raise SystemExit(f"{args.output_dir} already holds a run: pass --resume {args.output_dir} to continue "
+                         "it, or --overwrite to start over")
+    engine.barrier()  # every rank has looked before rank 0 replaces anything
+    if engine.is_main():  # rank 0 alone writes the run directory
+        if held:
+            shutil.rmtree(args.output_dir)
+        os.makedirs(args.output_dir, exist_ok=True)
+        if not args.resume:
+            with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+                json.dump({**vars(args), "resume": None}, f, indent=1)
+    engine.barrier()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # save_pretrained's shard bars would drown the summary
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     embedded = args.model is None
     task = ArithmeticTask(max_operand=args.task_max_operand, seed=args.seed) if args.dataset is None else None
 
@@ -348,15 +387,17 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             out["eval_pair_accuracy_unseen_prompts"] = trainer.evaluate(
                 task.preference_rows("eval", pairs_per_problem=TASK_DPO_PAIRS_PER_PROBLEM))["accuracy"]
         elif task is not None:
-            out["train_accuracy"] = greedy_accuracy(trainer.model, tokenizer, task.prompt_rows("train"))
-            out["eval_accuracy"] = greedy_accuracy(trainer.model, tokenizer, task.prompt_rows("eval"))
+            for split in ("train", "eval"):  # through the engine's root forward (FSDP2: gathered weights)
+                with torch.no_grad():
+                    out[f"{split}_accuracy"] = trainer.call(trainer.model, greedy_accuracy, tokenizer,
+                                                            task.prompt_rows(split))
             if args.algo == "dpo":
                 out["eval_reward_accuracy"] = trainer.evaluate(task.preference_rows("eval"))["reward_accuracy"]
         return out
 
     if args.resume:
         trainer.load_checkpoint(args.output_dir)
-        print(f"resumed {args.output_dir} at step {trainer.step}")
+        engine.main_print(f"resumed {args.output_dir} at step {trainer.step}")
     before = evaluate() if trainer.step == 0 else {}
     t0 = time.perf_counter()
     start_step = trainer.step
@@ -365,11 +406,9 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     trainer.save_checkpoint()
     after = evaluate()
     final = os.path.join(args.output_dir, "final")
-    if args.algo == "rm":
-        trainer.save_pretrained(final)  # a sequence-classification checkpoint, LoRA merged
-    else:
-        trainer.model.save_pretrained(final)
-        tokenizer.save_pretrained(final)
+    trainer.save_pretrained(final)  # rm: a sequence-classification checkpoint, LoRA merged
+    if not engine.is_main():
+        return {}
 
     summary = summarize(args.algo, history, before, after, elapsed, trainer.step - start_step, config)
     summary.update(output_dir=args.output_dir, final_model=final)

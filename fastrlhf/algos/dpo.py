@@ -110,17 +110,20 @@ class DPO(Trainer):
         """DPO loss of the pairs ``idx`` (``[b']`` indices into the ``b`` pairs of ``batch``)."""
         c, b = self.config, len(batch) // 2
         mb = batch.select(torch.cat([idx, idx + b]))  # chosen rows, then their rejected rows
-        with self.autocast():
-            hidden = self.completion_hidden(self.model, mb)  # [2b', R, H]
-            loss, stats = self.op("dpo_loss", hidden, mb.labels, ref_seq[:b][idx], ref_seq[b:][idx], beta=c.beta,
-                                  loss_type=c.loss_type, label_smoothing=c.label_smoothing)
+
+        def loss_fn(hidden, op):  # hidden [2b', R, H], inside the policy's forward
+            loss, stats = op("dpo_loss", hidden, mb.labels, ref_seq[:b][idx], ref_seq[b:][idx], beta=c.beta,
+                             loss_type=c.loss_type, label_smoothing=c.label_smoothing)
             if c.rpo_alpha:
                 n = len(idx)  # chosen rows come first
-                logp = self.op("token_logprobs", hidden[:n], mb.labels[:n])  # [b', R]
+                logp = op("token_logprobs", hidden[:n], mb.labels[:n])  # [b', R]
                 nll = -logp.sum() / (mb.labels[:n] != IGNORE_INDEX).sum().clamp_min(1)
                 loss = loss + c.rpo_alpha * nll
                 stats = {**stats, "nll": nll.detach()}
-        return loss, stats
+            return loss, stats
+
+        with self.autocast():
+            return self.completion_forward(self.model, mb, loss_fn)
 
     def train_step(self, rows: List[Mapping[str, Any]]) -> Dict[str, float]:
         batch = self.tokenize(rows)

@@ -133,15 +133,18 @@ class GRPO(RolloutTrainer):
         def loss_fn(idx: torch.Tensor):
             mb = batch.select(idx)
             with self.autocast():
-                hidden = self.completion_hidden(self.model, mb)  # [b, R, H]
-                return self.op(
+                return self.completion_forward(self.model, mb, lambda hidden, op: op(  # hidden [b, R, H]
                     "grpo_loss", hidden, mb.labels, old_logp[idx], advantages[idx],
                     None if ref_logp is None else ref_logp[idx],
                     beta=c.beta, clip_low=c.clip_low, clip_high=c.clip_high, loss_agg=c.loss_agg,
                     temperature=c.temperature, compute_entropy=True,
-                )
+                ))
 
-        out = self.run_updates(len(batch), loss_fn, epochs=c.num_inner_epochs)
+        def tokens(idx: torch.Tensor) -> int:  # token-mean: the normaliser over ranks is the token count
+            return int(batch.completion_mask[idx].sum())
+
+        out = self.run_updates(len(batch), loss_fn, epochs=c.num_inner_epochs,
+                               norm=tokens if c.loss_agg == "token-mean" else None)
         groups = rewards.view(-1, G)
         out.update(
             reward=float(rewards.mean()),

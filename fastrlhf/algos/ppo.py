@@ -137,6 +137,7 @@ class PPO(RolloutTrainer):
     """
 
     name = "ppo"
+    distributed_ok = False  # its loss still calls the decoder directly (no engine root forward yet)
 
     def __init__(self, model, tokenizer, dataset: Sequence[Mapping[str, Any]], reward_fn: Optional[RewardFn] = None,
                  config: Optional[PPOConfig] = None, *, reward_model=None, reward_tokenizer=None,

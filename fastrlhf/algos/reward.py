@@ -235,10 +235,13 @@ class RewardModel(Trainer):
 
     def sequence_rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``[n]`` fp32 rewards: the scalar head on the last counted token's hidden state."""
-        hidden = forward_hidden(self.model, input_ids, attention_mask)  # [n, L, H]
-        last = last_token_index(attention_mask)  # [n]
-        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [n, H]
-        return score_head(self.model)(h).squeeze(-1).float()
+        def fn(model):  # inside the model's (engine root's) forward
+            hidden = forward_hidden(model, input_ids, attention_mask)  # [n, L, H]
+            last = last_token_index(attention_mask)  # [n]
+            h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [n, H]
+            return score_head(model)(h).squeeze(-1).float()
+
+        return self.call(self.model, fn)
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> List[float]:
@@ -340,6 +343,11 @@ class RewardModel(Trainer):
     def save_pretrained(self, path: str) -> str:
         """Write the reward model (LoRA merged) and tokenizer as a sequence-classification checkpoint."""
         model = self.model
+        if self.engine.kind != "none":
+            if unwrap_model(model) is not model:
+                raise NotImplementedError("save_pretrained of a LoRA reward model runs in one process only")
+            model.config.pad_token_id = self.pad_id
+            return super().save_pretrained(path)
         if unwrap_model(model) is not model:  # peft: merge the adapters into a copy
             model = copy.deepcopy(model).merge_and_unload()
         model.config.pad_token_id = self.pad_id

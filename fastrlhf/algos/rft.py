@@ -57,6 +57,7 @@ class RFT(RolloutTrainer):
     """
 
     name = "rft"
+    distributed_ok = False  # each rank keeps a different number of samples, hence of micro-batches
     needs_reference = False
 
     def __init__(self, model, tokenizer, dataset: Sequence[Mapping[str, Any]], reward_fn: RewardFn,

@@ -84,9 +84,9 @@ class RRHF(RolloutTrainer):
             idx = (groups[:, None] * k + torch.arange(k, device=self.device)).reshape(-1)  # [g * k]
             mb = batch.select(idx)
             with self.autocast():
-                hidden = self.completion_hidden(self.model, mb)  # [g * k, R, H]
-                return self.op("rrhf_loss", hidden, mb.labels, rewards[idx], group_size=k, rank_coef=c.rank_coef,
-                               sft_coef=c.sft_coef, length_penalty=c.length_penalty)
+                return self.completion_forward(self.model, mb, lambda hidden, op: op(  # hidden [g * k, R, H]
+                    "rrhf_loss", hidden, mb.labels, rewards[idx], group_size=k, rank_coef=c.rank_coef,
+                    sft_coef=c.sft_coef, length_penalty=c.length_penalty))
 
         # units are prompts: each update's loss is the mean over its prompts
         out = self.run_updates(len(rows), loss_fn, epochs=c.num_inner_epochs,

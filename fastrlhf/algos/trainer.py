@@ -12,13 +12,17 @@ Implementation choices (and where they come from):
    Trainer's "loss divided by the number of micro-batches" when they are all full).
 3. AdamW, global-norm gradient clipping (CleanRL detail 11, "global gradient clipping"),
    optional linear lr warm-up (verl's ``lr_warmup_steps``); the lr is a pure function of the step.
-4. bf16 autocast on CUDA with fp32 master weights (verl's FSDP mixed precision).
+4. Compute dtype ``dtype`` over fp32 master weights (verl's FSDP mixed precision); the
+   default ``auto`` is bf16 autocast on CUDA (:mod:`fastrlhf.algos.memory`).
 5. The batch of step ``s`` is a pure function of ``(seed, s)`` (a seeded permutation per epoch),
    and checkpoints store the optimizer and every RNG state, so a resumed run continues exactly
    where it stopped.
 6. Per-step metrics go to ``metrics.jsonl`` (one JSON object per line); tokens/s counts the
    non-pad tokens of the step's sequences over its wall time; peak memory is
    ``torch.cuda.max_memory_allocated`` on GPU and the process's peak RSS on CPU.
+7. Several processes (``distributed="ddp"`` / ``"fsdp2"`` under torchrun or accelerate launch):
+   every model call runs through the engine's root forward, the config's batch is global and
+   split over ranks, and rank 0 alone writes (:mod:`fastrlhf.algos.engine`).
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ import copy
 import dataclasses
 import json
 import os
-import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -37,12 +40,23 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from fastrlhf._memory import peak_rss_bytes
-
+from . import memory
 from .batching import SequenceBatch, cut_at_eos, encode_completion, encode_prompt, micro_batches, pack_sequences
 from .data import prompt_text
+from .engine import Engine, barrier
 from .models import apply_lora, check_fusable, forward_hidden, freeze, head_op, output_head
 from .rewards import RewardFn, call_reward_fn
+from .runstate import (  # noqa: F401  (re-exported: these names have always lived here)
+    all_checkpoints,
+    check_config,
+    check_rollout_fits_updates,
+    get_rng_state,
+    latest_checkpoint,
+    peak_memory_mb,
+    seed_everything,
+    set_rng_state,
+    supervised_finetune,
+)
 
 LossFn = Callable[[torch.Tensor], Tuple[torch.Tensor, Mapping[str, Any]]]
 
@@ -89,6 +103,16 @@ class TrainConfig:
     """Dropout on the LoRA branch."""
     lora_target_modules: Any = "all-linear"
     """peft target_modules ("all-linear" or a list of module names)."""
+    distributed: str = "auto"
+    """auto | none | ddp | fsdp2 (auto: ddp when launched with WORLD_SIZE > 1; fastrlhf.algos.engine)."""
+    dtype: str = "auto"
+    """Compute dtype over fp32 master weights: auto (bf16 on CUDA if bf16) | float32 | bfloat16 | float16."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder-layer activations in backward (less activation memory, ~1/3 more compute)."""
+    cpu_offload: bool = False
+    """FSDP2 only: keep sharded parameters, gradients and optimizer state in host memory."""
+    optim: str = "adamw"
+    """adamw | adafactor | adamw_8bit (bitsandbytes)."""
 
 
 @dataclass
@@ -101,61 +125,10 @@ class RolloutConfig(TrainConfig):
     """Longest completion sampled."""
     temperature: float = 1.0
     """Sampling temperature (GRPO and PPO score their logprobs at the same one; RRHF, RFT at 1)."""
-
-
-def check_config(config, *, at_least: Optional[Mapping[str, float]] = None,
-                 one_of: Optional[Mapping[str, Sequence[Any]]] = None) -> None:
-    """ValueError naming the field when a number is below its floor (NaN included) or a name is not a choice."""
-    for name, low in (at_least or {}).items():
-        value = getattr(config, name)
-        if not value >= low:
-            raise ValueError(f"{name} must be >= {low}, got {value!r}")
-    for name, choices in (one_of or {}).items():
-        value = getattr(config, name)
-        if value not in choices:
-            raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-
-
-def check_rollout_fits_updates(config: RolloutConfig, samples_name: str) -> None:
-    """A step's ``prompts_per_step * samples`` sequences must split into whole updates."""
-    rollout = config.prompts_per_step * getattr(config, samples_name)
-    update = config.micro_batch_size * config.gradient_accumulation_steps
-    if rollout % update:
-        raise ValueError(f"prompts_per_step * {samples_name} = {rollout} must be a multiple of "
-                         f"micro_batch_size * gradient_accumulation_steps = {update}")
-
-
-# ----------------------------------------------------------------------------------------
-# RNG state (for exact resumption) and memory
-# ----------------------------------------------------------------------------------------
-
-
-def get_rng_state() -> Dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    peak = peak_rss_bytes()
-    return peak / 2**20 if peak is not None else float("nan")
+    generation_batch_size: Optional[int] = None
+    """Prompts per generate call (None: all of the step's prompts at once)."""
+    max_prompt_length: Optional[int] = None
+    """Prompts longer than this keep their last tokens (None: no limit)."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -173,6 +146,7 @@ class Trainer:
 
     name = "train"
     needs_reference = True
+    distributed_ok = True  # False where ranks would run different numbers of forwards (RFT)
 
     def __init__(self, model, tokenizer, config: TrainConfig, dataset: Sequence[Mapping[str, Any]]):
         if config.micro_batch_size < 1 or config.gradient_accumulation_steps < 1:
@@ -187,12 +161,29 @@ class Trainer:
         if config.fused_linear:
             check_fusable(model)
         self.device = next(model.parameters()).device
-        # The reference is the initial policy: copied before any adapter is added.
+        self.engine = Engine(config.distributed, device=self.device, cpu_offload=config.cpu_offload,
+                             param_dtype=memory.compute_dtype(config, self.device))
+        check_config(config, one_of=dict(optim=memory.OPTIMIZERS))
+        if self.engine.world > 1 and not self.distributed_ok:
+            raise NotImplementedError(f"{self.name} runs in one process only: its ranks would run different "
+                                      "numbers of forward passes")
+        # The reference is the initial policy: copied before any adapter is added (and before any wrapping).
         self.ref_model = None
         if self.needs_reference and config.lora_r <= 0:
             self.ref_model = freeze(copy.deepcopy(model))
         self.model = apply_lora(model, config)
+        if config.gradient_checkpointing:
+            memory.enable_gradient_checkpointing(self.model)
         self.model.train()
+        self.scaler = memory.grad_scaler(config, self.device)
+        # Root modules every call of a model goes through (none in one process; fastrlhf.algos.engine).
+        self.roots: Dict[int, torch.nn.Module] = {}
+        if self.engine.kind != "none":
+            self.engine.local_count(config.micro_batch_size, "micro_batch_size")
+            self.roots[id(self.model)] = self.engine.wrap(self.model)
+            if self.ref_model is not None:
+                self.roots[id(self.ref_model)] = self.engine.wrap(self.ref_model, trainable=False)
+            self.engine.seed_rank(config.seed)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_id is None:
             raise ValueError("tokenizer needs a pad_token_id or an eos_token_id")
@@ -209,8 +200,10 @@ class Trainer:
         params = [p for m in self.trainable_modules().values() for p in m.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
-        c = self.config
-        return torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.adam_betas), weight_decay=c.weight_decay)
+        if self.engine.kind != "none" and set(self.trainable_modules()) != {"policy"}:
+            raise NotImplementedError(f"{self.name} with several trainable modules "
+                                      f"({sorted(self.trainable_modules())}) runs in one process only")
+        return memory.make_optimizer(params, self.config)
 
     def _params(self) -> List[torch.nn.Parameter]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -236,9 +229,27 @@ class Trainer:
     # -- forward helpers ------------------------------------------------------------------
 
     def autocast(self):
-        if self.device.type == "cuda" and self.config.bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return memory.autocast(self.config, self.device)
+
+    def call(self, model, fn: Callable, *args):
+        """``fn(model, *args)``, through ``model``'s root forward when an engine wraps it (so its hooks fire)."""
+        root = self.roots.get(id(model))
+        if root is None:
+            return fn(model, *args)
+        out = root(fn, *args)
+        if not torch.is_grad_enabled():  # FSDP2 keeps the root gathered after forward, waiting for a backward
+            self.engine.reshard(root)
+        return out
+
+    def completion_forward(self, model, batch: SequenceBatch, fn: Callable):
+        """``fn(hidden [B, R, H], op)`` run inside ``model``'s forward; ``op(name, hidden, *args)`` is
+        :meth:`op` on ``model``'s lm_head (under FSDP2 the all-gathered full weight)."""
+        def inner(m):
+            weight, bias = output_head(m)
+            return fn(self.completion_hidden(m, batch),
+                      lambda name, h, *a, **k: head_op(name, h, weight, bias, *a, fused=self.config.fused_linear, **k))
+
+        return self.call(model, inner)
 
     @contextlib.contextmanager
     def reference(self):
@@ -268,8 +279,8 @@ class Trainer:
         for sl in micro_batches(len(batch), self.config.micro_batch_size):
             mb = batch.select(sl)
             with self.autocast():
-                hidden = self.completion_hidden(model, mb)
-                out[sl] = self.op("token_logprobs", hidden, mb.labels, model=model, temperature=temperature)
+                out[sl] = self.completion_forward(model, mb, lambda hidden, op, labels=mb.labels: op(
+                    "token_logprobs", hidden, labels, temperature=temperature))
         return out
 
     # -- rollouts -------------------------------------------------------------------------
@@ -291,14 +302,21 @@ class Trainer:
             top_k=top_k if do_sample else None, max_new_tokens=max_new_tokens,
             pad_token_id=self.pad_id, eos_token_id=eos, bos_token_id=self.tokenizer.bos_token_id,
         )
+        # FSDP2: a rank that finished keeps stepping so that the layers' all-gathers stay matched
+        synced = self.engine.kind == "fsdp2"
+        step = (self.config.generation_batch_size or len(prompt_ids)) * num_samples
         was_training = self.model.training
         self.model.eval()
+        out = []
         try:
-            with self.autocast():
-                out = self.model.generate(input_ids=ids, attention_mask=attn, generation_config=gen)
+            for sl in micro_batches(ids.shape[0], step):
+                with self.autocast():
+                    gen_ids = self.call(self.model, lambda m, i, a: m.generate(
+                        input_ids=i, attention_mask=a, generation_config=gen, synced_gpus=synced), ids[sl], attn[sl])
+                out += [cut_at_eos(row, eos, self.pad_id) for row in gen_ids[:, P:].tolist()]
         finally:
             self.model.train(was_training)
-        return [cut_at_eos(row, eos, self.pad_id) for row in out[:, P:].tolist()]
+        return out
 
     def sample_and_score(self, rows: Sequence[Mapping[str, Any]], k: int, *, max_new_tokens: int,
                          temperature: float, reward_fn: Optional[RewardFn], offline: bool = False,
@@ -314,6 +332,8 @@ class Trainer:
         tok = self.tokenizer
         prompts = [prompt_text(r, tok) for r in rows]
         prompt_ids = [encode_prompt(tok, p) for p in prompts]
+        if getattr(self.config, "max_prompt_length", None) is not None:
+            prompt_ids = [p[-self.config.max_prompt_length:] for p in prompt_ids]
         completions: List[Optional[List[int]]] = [None] * (len(rows) * k)
         texts: List[Optional[str]] = [None] * (len(rows) * k)
         given = [i for i, r in enumerate(rows) if offline and "responses" in r]
@@ -355,23 +375,33 @@ class Trainer:
     def optimizer_step(self) -> float:
         """Clip, step, zero the gradients; returns the pre-clip global gradient norm."""
         params = self._params()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         if self.config.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        elif self.engine.kind != "none":
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         else:
             norm = torch.linalg.vector_norm(
                 torch.stack([p.grad.detach().norm() for p in params if p.grad is not None])
             )
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor reduced over the shards
+            norm = norm.full_tensor()
         # The lr is a pure function of the step (no scheduler state to checkpoint).
         scale = min(1.0, (self.step + 1) / self.config.lr_warmup_steps) if self.config.lr_warmup_steps > 0 else 1.0
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr * scale
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
     def run_updates(self, n: int, loss_fn: LossFn, *, epochs: int = 1, shuffle: bool = True,
                     micro_batch_size: Optional[int] = None, units: Optional[Callable[[torch.Tensor], int]] = None,
-                    ) -> Dict[str, float]:
+                    norm: Optional[Callable[[torch.Tensor], int]] = None) -> Dict[str, float]:
         """The one update loop of every trainer; returns the mean of each metric over the micro-batches.
 
         ``epochs`` passes over ``n`` units (``torch.randperm`` order when ``shuffle``, else in
@@ -383,12 +413,18 @@ class Trainer:
         its number of units; e.g. its tokens for a token-mean over the update); the loss is
         divided by ``update_units / micro_units`` before ``backward``, so the update's gradient
         is that of the unit-weighted mean of its micro-batches.
+        On several ranks, ``n`` is per rank, ``micro_batch_size`` is divided by the world size and
+        each loss is also scaled by ``world * n_r / sum_r n_r``, ``n_r = norm(idx)`` the count it
+        is a mean over (default: its units): the global mean (:mod:`fastrlhf.algos.engine`, 4).
 
         Returned: ``loss`` and every stat averaged over micro-batches (stats named ``num_*``
         are dropped: counts, not means), and ``grad_norm`` (the pre-clip norm of each update,
         weighted by its micro-batches). Empty when ``n == 0`` (no update, no RNG draw).
         """
         mbs = micro_batch_size or self.config.micro_batch_size
+        world = self.engine.world
+        if world > 1:
+            mbs = self.engine.local_count(mbs, "micro_batch_size")
         accum = self.config.gradient_accumulation_steps
         sums: Dict[str, float] = {}
         count = 0
@@ -399,9 +435,16 @@ class Trainer:
                 update = micro[u : u + accum]
                 sizes = [len(idx) if units is None else units(idx) for idx in update]
                 total = sum(sizes)
-                for idx, size in zip(update, sizes):
+                scales = None
+                if world > 1:  # one all-reduce per update: global unit and normaliser counts
+                    norms = [size if norm is None else norm(idx) for idx, size in zip(update, sizes)]
+                    glob = self.engine.all_sum(sizes + norms)
+                    gsizes, gnorms, total = glob[: len(update)], glob[len(update):], sum(glob[: len(update)])
+                    scales = [world * nr / max(gn, 1e-30) * gs / total for nr, gn, gs in zip(norms, gnorms, gsizes)]
+                for i, (idx, size) in enumerate(zip(update, sizes)):
                     loss, stats = loss_fn(idx)
-                    (loss / (total / size)).backward()
+                    scaled = loss / (total / size) if scales is None else loss * scales[i]
+                    (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
                     for key, v in {"loss": loss.detach(), **stats}.items():
                         if not key.startswith("num_"):
                             sums[key] = sums.get(key, 0.0) + float(v)
@@ -421,14 +464,16 @@ class Trainer:
         total = self.config.steps if steps is None else steps
         if self.optimizer is None:
             self.optimizer = self.build_optimizer()
-        bar = tqdm(total=total, initial=min(self.step, total), desc=self.name, disable=not self.config.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=total, initial=min(self.step, total), desc=self.name, dynamic_ncols=True,
+                   disable=not self.config.progress or not self.engine.is_main)
         try:
             while self.step < total:
                 if self.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(self.device)
                 t0 = time.perf_counter()
-                stats = self.train_step(self.rows_for_step(self.step))
+                rows = self.rows_for_step(self.step)
+                stats = self.engine.mean_stats(self.train_step(self.engine.shard(rows) if self.engine.world > 1
+                                                               else rows))
                 dt = time.perf_counter() - t0
                 self.step += 1
                 tokens = stats.pop("tokens", 0.0)
@@ -445,7 +490,7 @@ class Trainer:
 
     def log(self, record: Dict[str, float]) -> None:
         self.history.append(record)
-        if self.config.output_dir:
+        if self.config.output_dir and self.engine.is_main:
             os.makedirs(self.config.output_dir, exist_ok=True)
             with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -461,20 +506,25 @@ class Trainer:
         os.makedirs(path, exist_ok=True)
         if self.optimizer is None:
             self.optimizer = self.build_optimizer()
-        state = {
-            "step": self.step,
-            "modules": {
-                name: {n: p.detach().cpu() for n, p in m.named_parameters() if p.requires_grad}
-                for name, m in self.trainable_modules().items()
-            },
-            "optimizer": self.optimizer.state_dict(),
-            "rng": get_rng_state(),
-            "history": self.history,
-            "config": dataclasses.asdict(self.config),
-            "algo": self.name,
-        }
-        torch.save(state, os.path.join(path, "trainer_state.pt"))
-        if self.config.output_dir and self.config.save_total_limit:
+        meta = {"step": self.step, "history": self.history, "config": dataclasses.asdict(self.config),
+                "algo": self.name}
+        if self.engine.kind != "none":  # sharded: torch.distributed.checkpoint (fastrlhf.algos.engine)
+            self.engine.save_checkpoint(path, self.roots[id(self.model)], self.optimizer, meta, get_rng_state())
+        else:
+            state = {
+                "step": self.step,
+                "modules": {
+                    name: {n: p.detach().cpu() for n, p in m.named_parameters() if p.requires_grad}
+                    for name, m in self.trainable_modules().items()
+                },
+                "optimizer": self.optimizer.state_dict(),
+                "rng": get_rng_state(),
+                **{k: v for k, v in meta.items() if k != "step"},
+            }
+            if self.scaler is not None:
+                state["scaler"] = self.scaler.state_dict()
+            torch.save(state, os.path.join(path, "trainer_state.pt"))
+        if self.config.output_dir and self.config.save_total_limit and self.engine.is_main:
             for old in all_checkpoints(self.config.output_dir)[: -self.config.save_total_limit]:
                 if os.path.abspath(old) != os.path.abspath(path):
                     shutil.rmtree(old, ignore_errors=True)
@@ -486,9 +536,16 @@ class Trainer:
         file = os.path.join(path, "trainer_state.pt")
         if not os.path.exists(file):
             raise FileNotFoundError(f"no trainer_state.pt under {path!r}")
+        if self.optimizer is None:
+            self.optimizer = self.build_optimizer()
+        if self.engine.kind != "none":
+            self._restore(self.engine.load_checkpoint(path, self.roots[id(self.model)], self.optimizer), path)
+            return
         state = torch.load(file, map_location="cpu", weights_only=False)
         if state.get("algo") != self.name:
             raise ValueError(f"{path!r} is a {state.get('algo')} checkpoint, not {self.name}")
+        if "modules" not in state:
+            raise ValueError(f"{path!r} is a checkpoint of a distributed run: resume it with --distributed ddp|fsdp2")
         for name, module in self.trainable_modules().items():
             saved = state["modules"][name]
             params = dict(module.named_parameters())
@@ -498,16 +555,33 @@ class Trainer:
             with torch.no_grad():
                 for n, t in saved.items():
                     params[n].copy_(t)
-        if self.optimizer is None:
-            self.optimizer = self.build_optimizer()
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        self._restore(state, path)
+
+    def _restore(self, state: Mapping[str, Any], path: str) -> None:
+        """RNG, step and history of a loaded checkpoint; rewrites metrics.jsonl to end at its step."""
+        if state.get("algo") != self.name:
+            raise ValueError(f"{path!r} is a {state.get('algo')} checkpoint, not {self.name}")
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.history = list(state["history"])
-        if self.config.output_dir:  # metrics.jsonl ends at the resumed step, as if never interrupted
+        if self.config.output_dir and self.engine.is_main:  # metrics.jsonl ends at the resumed step
             os.makedirs(self.config.output_dir, exist_ok=True)
             with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.history)
+
+    def save_pretrained(self, path: str) -> str:
+        """The policy (``save_pretrained``) and tokenizer; under an engine rank 0 writes the gathered full state."""
+        state = None
+        if self.engine.kind != "none":
+            state = self.engine.full_state_dict(self.roots[id(self.model)])  # a collective: every rank calls it
+        if self.engine.is_main:
+            self.model.save_pretrained(path, **({} if state is None else {"state_dict": state}))
+            self.tokenizer.save_pretrained(path)
+        barrier()
+        return path
 
 
 class RolloutTrainer(Trainer):
@@ -527,58 +601,3 @@ class RolloutTrainer(Trainer):
     @property
     def rows_per_step(self) -> int:
         return self.config.prompts_per_step
-
-
-def all_checkpoints(path: str) -> List[str]:
-    """The ``checkpoint-<step>`` directories under ``path``, oldest step first."""
-    if not os.path.isdir(path):
-        return []
-    names = [d for d in os.listdir(path) if d.startswith("checkpoint-")]
-    steps = sorted(int(d.split("-", 1)[1]) for d in names if d.split("-", 1)[1].isdigit())
-    return [os.path.join(path, f"checkpoint-{s}") for s in steps]
-
-
-def latest_checkpoint(path: str) -> Optional[str]:
-    """The ``checkpoint-<step>`` directory with the highest step under ``path`` (None if none)."""
-    found = all_checkpoints(path)
-    return found[-1] if found else None
-
-
-# ----------------------------------------------------------------------------------------
-# Supervised warm-up
-# ----------------------------------------------------------------------------------------
-
-
-def supervised_finetune(model, tokenizer, rows: Sequence[Mapping[str, str]], *, steps: int, batch_size: int = 32,
-                        lr: float = 3e-3, seed: int = 0, fused_linear: bool = True, progress: bool = False,
-                        ) -> List[float]:
-    """Warm-up by next-token NLL of ``completion + eos`` given ``prompt`` (rows with those keys).
-
-    Each step draws ``batch_size`` rows with replacement (seeded), one AdamW step, gradient
-    norm clipped at 1. Uses ``fastrlhf.linear_token_logprobs`` (or the logits op) like the
-    algorithms do. Returns the loss per step.
-    """
-    from tqdm.auto import tqdm
-
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    weight, bias = output_head(model)
-    model.train()
-    losses = []
-    for _ in tqdm(range(steps), desc="sft warm-up", disable=not progress, dynamic_ncols=True):
-        idx = torch.randint(len(rows), (batch_size,), generator=gen).tolist()
-        prompts = [encode_prompt(tokenizer, rows[i]["prompt"]) for i in idx]
-        completions = [encode_completion(tokenizer, rows[i]["completion"]) for i in idx]
-        batch = pack_sequences(prompts, completions, pad, device)
-        hidden = forward_hidden(model, batch.input_ids, batch.attention_mask)
-        hidden = hidden[:, batch.prompt_len - 1 : batch.prompt_len - 1 + batch.labels.shape[1]]  # [B, R, H]
-        logp = head_op("token_logprobs", hidden, weight, bias, batch.labels, fused=fused_linear)  # [B, R]
-        loss = -(logp.sum() / batch.completion_mask.sum())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-    return losses
