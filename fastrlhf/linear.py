@@ -73,6 +73,7 @@ from ._rows import out_dtype
 from ._validate import FLOAT_DTYPES, check_dpo_refs, check_ignore_index, check_labels, check_temperature
 from .dpo import check_dpo_args, pair_loss, sequence_logps, with_nll_term
 from .logprobs import mask_as_ignored
+from .policy_forms import rollout_stats, rollout_weights
 from .ppo import _grpo, check_ppo_args
 from .token_math import (
     counted_tokens,
@@ -220,15 +221,16 @@ def _use_fused_ppo(hidden, weight, bias, data) -> bool:
     return not any(isinstance(t, torch.Tensor) and t.requires_grad for t in data)
 
 
-def _fused_ppo_clip_loss(hidden, weight, bias, labels, old_logprobs, advantages, ref_logprobs, temperature,
-                         ignore_index, want_entropy, chunk_size, accum_dtype, backend, opts):
+def _fused_ppo_clip_loss(hidden, weight, bias, labels, old_logprobs, advantages, ref_logprobs, rollout_logprobs,
+                         temperature, ignore_index, want_entropy, chunk_size, accum_dtype, backend, opts):
     h2, weight, bias, lab, temperature, backend, chunk, accum_dtype = _prepare(
         hidden, weight, bias, labels, temperature, ignore_index, chunk_size, accum_dtype, backend
     )
     odt = out_dtype(weight)
     counted = counted_tokens(labels, None, ignore_index)  # [B, T]; masked tokens already carry ignore_index
     shape = counted.shape
-    token_opts = {k: v for k, v in opts.items() if k != "loss_agg"}
+    rollout = {k: opts[k] for k in ("rollout_correction", "rollout_is_min", "rollout_is_max")}
+    token_opts = {k: v for k, v in opts.items() if k != "loss_agg" and k not in rollout}
     # Per-token constants of the loss, flattened to [N]: loss = sum_n w_n * l_n with the
     # aggregation weights w of loss_agg (fixed by the mask alone).
     flat = {
@@ -237,14 +239,22 @@ def _fused_ppo_clip_loss(hidden, weight, bias, labels, old_logprobs, advantages,
         "old": per_token(old_logprobs, shape, odt).reshape(-1),
         "adv": per_token(advantages, shape, odt).reshape(-1),
         "ref": per_token(ref_logprobs, shape, odt).reshape(-1) if ref_logprobs is not None else None,
+        "isw": None,
     }
+    if rollout["rollout_correction"] is not None:
+        # The rollout correction weight depends on old and rollout logprobs only (sequence modes too):
+        # known before the logits, so it stays a per-token constant of the fused pass.
+        isw, corrected, units = rollout_weights(flat["old"].view(shape), per_token(rollout_logprobs, shape, odt),
+                                                counted, rollout["rollout_correction"], rollout["rollout_is_min"],
+                                                rollout["rollout_is_max"])
+        flat["isw"] = isw.reshape(-1)
     extra = {k: torch.zeros(counted.numel(), dtype=odt, device=counted.device) for k in ("ratio", "clipped", "kl")}
 
     def token_grads(sel, put, logp_c, ent_c):
         # The per-token PPO math of this chunk, once, with its closed-form derivatives.
         c = {k: None if v is None else sel(v)[None] for k, v in flat.items()}  # [1, n] each
         t = policy_terms(logp_c.to(odt)[None], None if ent_c is None else ent_c.to(odt)[None], c["old"], c["adv"],
-                         c["ref"], c["w"], c["counted"], **token_opts)
+                         c["ref"], c["w"], c["counted"], is_weight=c["isw"], **token_opts)
         for k, v in (("ratio", t.ratio), ("clipped", t.clipped), ("kl", t.kl)):
             if v is not None:
                 put(extra[k], v[0].to(odt))
@@ -259,6 +269,8 @@ def _fused_ppo_clip_loss(hidden, weight, bias, labels, old_logprobs, advantages,
             extra["kl"].view(shape) if opts["kl_coef"] > 0 else None, logp.view(shape), flat["old"].view(shape),
             ent.view(shape) if want_entropy else None, counted,
         )
+        if flat["isw"] is not None:
+            stats.update(rollout_stats(flat["isw"].view(shape), corrected, units))
     return loss, stats
 
 
@@ -351,13 +363,31 @@ def linear_ppo_clip_loss(
     accum_dtype: Optional[torch.dtype] = None,
     backend: str = "auto",
     process_group=None,
+    policy_loss: str = "clip",
+    ratio_level: str = "token",
+    ratio_cap: Optional[float] = None,
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
+    kl_is_correction: bool = False,
+    rollout_logprobs: Optional[torch.Tensor] = None,
+    rollout_correction: Optional[str] = None,
+    rollout_is_min: Optional[float] = None,
+    rollout_is_max: Optional[float] = None,
 ) -> tuple[torch.Tensor, Stats]:
     """:func:`fastrlhf.ppo_clip_loss` (Schulman et al. 2017, eq. 7) on ``hidden @ weight.T + bias``.
 
-    Identical loss, stats and options (clip-higher, dual clip, KL and entropy terms, the four
-    ``loss_agg`` modes); the logits exist one ``[chunk, V]`` block at a time. Gradients flow to
-    ``hidden``, ``weight`` and ``bias``. ``chunk_size`` / ``accum_dtype`` as
+    Identical loss, stats and options (clip-higher, dual clip, ``ratio_cap``, KL and entropy
+    terms, the four ``loss_agg`` modes, ``policy_loss`` clip / cispo / sapo, ``kl_is_correction``,
+    every ``rollout_correction``); the logits exist one ``[chunk, V]`` block at a time. Gradients
+    flow to ``hidden``, ``weight`` and ``bias``. ``chunk_size`` / ``accum_dtype`` as
     :func:`linear_token_logprobs`.
+
+    Token-local losses (``ratio_level="token"``, any form and rollout correction: its weight
+    depends on old / rollout logprobs only) take the fused route, 3 ``N x V x H`` matmuls (logits,
+    then ``dh`` and ``dW`` from each chunk's gradient formed in forward). GSPO's
+    ``ratio_level="sequence"`` needs every token's logp of a sequence before any gradient, so it
+    takes the two-pass route: 4 matmuls (the logits are recomputed chunk by chunk in backward),
+    one ``[chunk, V]`` block at a time either way, like :func:`linear_dpo_loss`.
     """
     _no_process_group(process_group)
     if not isinstance(labels, torch.Tensor):
@@ -365,18 +395,22 @@ def linear_ppo_clip_loss(
     ignore_index = check_ignore_index(ignore_index)
     opts = check_ppo_args(labels, old_logprobs, advantages, mask, ref_logprobs, dict(
         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef, kl_estimator=kl_estimator,
-        entropy_coef=entropy_coef, loss_agg=loss_agg,
-    ))
+        entropy_coef=entropy_coef, loss_agg=loss_agg, policy_loss=policy_loss, ratio_level=ratio_level,
+        ratio_cap=ratio_cap, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, kl_is_correction=kl_is_correction,
+        rollout_correction=rollout_correction, rollout_is_min=rollout_is_min, rollout_is_max=rollout_is_max,
+    ), rollout_logprobs)
     want_entropy = opts["entropy_coef"] > 0 or compute_entropy
     ref_logprobs = ref_logprobs if opts["kl_coef"] > 0 else None
     labels = mask_as_ignored(labels, mask, ignore_index)
-    if _use_fused_ppo(hidden, weight, bias, (old_logprobs, advantages, ref_logprobs)):
+    token_local = opts["ratio_level"] == "token"
+    if token_local and _use_fused_ppo(hidden, weight, bias, (old_logprobs, advantages, ref_logprobs)):
         return _fused_ppo_clip_loss(hidden, weight, bias, labels, old_logprobs, advantages, ref_logprobs,
-                                    temperature, ignore_index, want_entropy, chunk_size, accum_dtype, backend, opts)
+                                    rollout_logprobs, temperature, ignore_index, want_entropy, chunk_size, accum_dtype,
+                                    backend, opts)
     logp, ent = _linear_forward(hidden, weight, bias, labels, temperature, ignore_index, want_entropy, chunk_size,
                                 accum_dtype, backend)
     return policy_loss_from_logprobs(logp, counted_tokens(labels, None, ignore_index), old_logprobs, advantages,
-                                     entropy=ent, ref_logprobs=ref_logprobs, **opts)
+                                     entropy=ent, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, **opts)
 
 
 def linear_grpo_loss(

@@ -25,6 +25,7 @@ import torch
 
 from ._validate import check_ignore_index, check_scalar, check_token_tensor
 from .logprobs import mask_as_ignored, prepare, token_values
+from .policy_forms import check_form_args
 from .token_math import (
     KL_ESTIMATORS,
     LOSS_AGG_MODES,
@@ -85,8 +86,9 @@ def _check_mask_values(mask: Optional[torch.Tensor]) -> None:
         raise ValueError(f"mask must hold only 0 and 1 (or be bool), got {bad}; per-token weights are not a mask")
 
 
-def check_ppo_args(labels, old_logprobs, advantages, mask, ref_logprobs, opts) -> dict:
-    """Check the per-token inputs and hyper-parameters; return the options as plain floats."""
+def check_ppo_args(labels, old_logprobs, advantages, mask, ref_logprobs, opts, rollout_logprobs=None) -> dict:
+    """Check the per-token inputs and hyper-parameters; return the options as plain floats (with the
+    policy-form and rollout-correction options of :func:`fastrlhf.policy_forms.check_form_args`)."""
     if old_logprobs is None:
         raise ValueError("old_logprobs is required")
     if advantages is None:
@@ -108,7 +110,7 @@ def check_ppo_args(labels, old_logprobs, advantages, mask, ref_logprobs, opts) -
         raise ValueError(f"loss_agg must be one of {LOSS_AGG_MODES}, got {out['loss_agg']!r}")
     if out["kl_coef"] > 0 and ref_logprobs is None:
         raise ValueError("ref_logprobs is required when kl_coef > 0")
-    return out
+    return check_form_args(labels, rollout_logprobs, out)
 
 
 def ppo_clip_loss(
@@ -134,6 +136,16 @@ def ppo_clip_loss(
     process_group=None,
     support=None,
     top_k: Optional[int] = None,
+    policy_loss: str = "clip",
+    ratio_level: str = "token",
+    ratio_cap: Optional[float] = None,
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
+    kl_is_correction: bool = False,
+    rollout_logprobs: Optional[torch.Tensor] = None,
+    rollout_correction: Optional[str] = None,
+    rollout_is_min: Optional[float] = None,
+    rollout_is_max: Optional[float] = None,
 ) -> Tuple[torch.Tensor, Stats]:
     """PPO-clip policy loss from logits (Schulman et al. 2017, eq. 7) on the fused logprob pass.
 
@@ -151,9 +163,30 @@ def ppo_clip_loss(
     Hyper-parameters are finite numbers (or 0-d tensors); NaN / inf raise ``ValueError``.
     Uncounted tokens contribute nothing, whatever their inputs hold (NaN padding included).
 
+    Policy-loss forms (TRL 1.16 ``GRPOTrainer._compute_loss`` semantics; ``docs/losses.md``):
+
+    - ``ratio_level="sequence"`` (GSPO, TRL's ``importance_sampling_level``): the ratio is
+      ``exp(sum_t m_t (logp_t - old_t) / max(1, sum_t m_t))``, shared by the sequence's tokens,
+      differentiable in every token of it (no extra pass over the logits: the row forward gives
+      every logp before the loss).
+    - ``policy_loss="cispo"``: ``-sg(min(ratio, clip_high)) * A * logp`` (``clip_high`` is the cap
+      itself, e.g. 5.0, and is required); ``"sapo"``: ``-sigmoid(tau (ratio - 1)) * 4 / tau * A``
+      with ``tau = sapo_tau_pos`` where ``A > 0`` else ``sapo_tau_neg``.
+    - ``ratio_cap=delta`` (TRL's ``delta``, ``clip`` only): ``-A * min(ratio, delta)`` as the
+      unclipped term.
+    - ``kl_is_correction=True`` (TRL's ``use_bias_correction_kl``): the KL term times the ratio,
+      with its gradient.
+    - ``rollout_correction`` with ``rollout_logprobs`` (the sampler's, ``[B, T]``, NaN = no
+      correction) and ``rollout_is_min`` / ``rollout_is_max``: the policy term (not the KL) times
+      ``exp(old - rollout)`` per token or ``exp(sum_t m_t (old_t - rollout_t))`` per sequence,
+      clamped (``*_truncate``) or zeroed outside ``[min, max]`` (``*_mask``; ``"icepop"`` is
+      ``"token_mask"``); no gradient.
+
     Returns ``(loss, stats)`` with stats ``clipfrac`` (fraction of counted tokens whose clipped
-    term is active, as verl), ``ratio_mean``, ``approx_kl`` (k3 of old vs new), ``kl`` (when
-    ``kl_coef > 0``), ``entropy`` (when computed), ``num_tokens``.
+    term is active, as verl; for cispo TRL's capped tokens with ``A > 0``; 0 for sapo),
+    ``ratio_mean``, ``approx_kl`` (k3 of old vs new), ``kl`` (when ``kl_coef > 0``), ``entropy``
+    (when computed), ``num_tokens``; with a rollout correction ``rollout_is_mean`` and
+    ``rollout_is_frac_corrected`` (over counted tokens, or sequences for the sequence modes).
 
     Memory: no ``[N, V]`` tensor besides the logits' gradient (written into the logits during
     backward with ``inplace_backward=True``; see :func:`fastrlhf.token_logprobs` for what that forbids).
@@ -162,8 +195,10 @@ def ppo_clip_loss(
     temperature, backend, offset = prepare(logits, labels, temperature, ignore_index, backend, process_group)
     opts = check_ppo_args(labels, old_logprobs, advantages, mask, ref_logprobs, dict(
         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef, kl_estimator=kl_estimator,
-        entropy_coef=entropy_coef, loss_agg=loss_agg
-    ))
+        entropy_coef=entropy_coef, loss_agg=loss_agg, policy_loss=policy_loss, ratio_level=ratio_level,
+        ratio_cap=ratio_cap, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, kl_is_correction=kl_is_correction,
+        rollout_correction=rollout_correction, rollout_is_min=rollout_is_min, rollout_is_max=rollout_is_max,
+    ), rollout_logprobs)
     want_entropy = opts["entropy_coef"] > 0 or compute_entropy
     labels = mask_as_ignored(labels, mask, ignore_index)
     out = token_values(logits, labels, temperature, ignore_index, True, want_entropy, inplace_backward, backend,
@@ -171,7 +206,8 @@ def ppo_clip_loss(
     logp, ent = out if want_entropy else (out, None)
     counted = counted_tokens(labels, None, ignore_index)
     return policy_loss_from_logprobs(logp, counted, old_logprobs, advantages, entropy=ent,
-                                     ref_logprobs=ref_logprobs if opts["kl_coef"] > 0 else None, **opts)
+                                     ref_logprobs=ref_logprobs if opts["kl_coef"] > 0 else None,
+                                     rollout_logprobs=rollout_logprobs, **opts)
 
 
 def grpo_loss(

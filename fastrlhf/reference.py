@@ -27,6 +27,8 @@ __all__ = [
     "kl_estimate",
     "ppo_clip_loss",
     "ppo_clip_loss_from_logprobs",
+    "policy_surrogate",
+    "rollout_correction_weights",
     "grpo_loss",
     "dpo_loss",
     "dpo_loss_from_logprobs",
@@ -225,11 +227,22 @@ def ppo_clip_loss_from_logprobs(
     kl_estimator: str = "k3",
     entropy_coef: float = 0.0,
     loss_agg: str = "token-mean",
+    policy_loss: str = "clip",
+    ratio_level: str = "token",
+    ratio_cap: Optional[float] = None,
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
+    kl_is_correction: bool = False,
+    rollout_logprobs: Optional[torch.Tensor] = None,
+    rollout_correction: Optional[str] = None,
+    rollout_is_min: Optional[float] = None,
+    rollout_is_max: Optional[float] = None,
 ) -> Tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
     """PPO-clip loss on per-token log-probabilities (all ``[B, T]``; ``advantages`` may be ``[B]``).
 
     ``counted`` is the 0/1 float mask of tokens that count (mask and not ignore_index).
-    Differentiable in ``logp`` and ``entropy``. See :func:`ppo_clip_loss` for the math.
+    Differentiable in ``logp`` and ``entropy``. See :func:`ppo_clip_loss` for the math, and
+    :func:`policy_surrogate` / :func:`rollout_correction_weights` for the forms (TRL 1.16).
     """
     clip_high = clip_low if clip_high is None else clip_high
     m = counted.to(logp.dtype)
@@ -237,21 +250,25 @@ def ppo_clip_loss_from_logprobs(
         advantages = advantages.unsqueeze(-1)  # [B, 1] broadcast over T
     A = advantages.to(logp.dtype)
     old = old_logprobs.to(logp.dtype)
-    log_ratio = torch.clamp(logp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    log_ratio = logp - old
+    if ratio_level == "sequence":  # GSPO (Zheng et al. 2025): the length-normalised sequence log-ratio, [B, 1]
+        log_ratio = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp_min(1.0)
+    log_ratio = torch.clamp(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
-    pg1 = -A * ratio
-    pg2 = -A * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    pg = torch.maximum(pg1, pg2)
-    clipped = pg2 > pg1
-    if dual_clip is not None:
-        pg3 = -A * dual_clip
-        pg = torch.where(A < 0, torch.minimum(pg, pg3), pg)
-    per_token = pg
+    pg, clipped = policy_surrogate(ratio, logp, A, policy_loss, clip_low, clip_high, dual_clip, ratio_cap,
+                                   sapo_tau_pos, sapo_tau_neg)
     stats = {}
+    if rollout_correction is not None:  # multiplies the policy term only, no gradient
+        is_w, stats = rollout_correction_weights(old, rollout_logprobs.to(logp.dtype), m, rollout_correction,
+                                                 rollout_is_min, rollout_is_max)
+        pg = pg * is_w
+    per_token = pg
     if kl_coef > 0.0:
         if ref_logprobs is None:
             raise ValueError("ref_logprobs is required when kl_coef > 0")
         kl = kl_estimate(logp, ref_logprobs.to(logp.dtype), kl_estimator)
+        if kl_is_correction:  # TRL's use_bias_correction_kl (grpo_trainer.py line 3104): kl * coef_1
+            kl = kl * ratio
         per_token = per_token + kl_coef * kl
         stats["kl"] = _masked_mean(kl.detach(), m)
     if entropy_coef > 0.0:
@@ -295,8 +312,14 @@ def ppo_clip_loss(
     loss_agg: str = "token-mean",
     ignore_index: int = -100,
     upcast: bool = True,
+    rollout_logprobs: Optional[torch.Tensor] = None,
+    **forms,
 ) -> Tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
     """PPO-clip (Schulman et al. 2017, eq. 7) with dual clip (Ye et al. 2020) and KL / entropy terms.
+
+    ``forms``: ``policy_loss``, ``ratio_level``, ``ratio_cap``, ``sapo_tau_pos`` / ``_neg``,
+    ``kl_is_correction``, ``rollout_correction``, ``rollout_is_min`` / ``_max`` (see
+    :func:`ppo_clip_loss_from_logprobs`).
 
     Per token: ``ratio = exp(clamp(logp - old, -20, 20))``,
     ``pg = max(-A * ratio, -A * clamp(ratio, 1 - clip_low, 1 + clip_high))``; with ``dual_clip=c``
@@ -327,6 +350,8 @@ def ppo_clip_loss(
         kl_estimator=kl_estimator,
         entropy_coef=entropy_coef,
         loss_agg=loss_agg,
+        rollout_logprobs=None if rollout_logprobs is None else as_batch_time(rollout_logprobs),
+        **forms,
     )
 
 
@@ -847,3 +872,63 @@ def support_mask(logits: torch.Tensor, support=None, top_k: Optional[int] = None
         rows = torch.repeat_interleave(torch.arange(N, device=logits.device), (off[1:] - off[:-1]).long())
         mask[rows, ids.long()] = 0.0
     return mask.view(logits.shape)
+
+
+# ----------------------------------------------------------------------------------------
+# Policy-loss forms and rollout correction (TRL 1.16 trl/trainer/grpo_trainer.py)
+# ----------------------------------------------------------------------------------------
+
+
+def policy_surrogate(ratio, logp, A, policy_loss="clip", clip_low=0.2, clip_high=None, dual_clip=None,
+                     ratio_cap=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05):
+    """``(pg, clipped)`` per token for ``ratio`` (``[B, T]``, or ``[B, 1]`` for a sequence ratio).
+
+    - ``clip`` (TRL lines 3112-3120, verl vanilla): ``max(-A min(r, ratio_cap), -A clamp(r, 1 - lo, 1 + hi))``,
+      then ``min(., -A c)`` where ``A < 0`` for the dual clip ``c``.
+    - ``cispo`` (TRL lines 3109-3111): ``-sg(min(r, clip_high)) A logp``.
+    - ``sapo`` (TRL lines 3121-3124): ``-sigmoid(tau (r - 1)) 4 / tau A``, ``tau`` by the sign of ``A``.
+    """
+    if policy_loss == "cispo":
+        return -torch.clamp(ratio, max=clip_high).detach() * A * logp, (ratio > clip_high) & (A > 0)
+    if policy_loss == "sapo":
+        tau = torch.where(A > 0, torch.full_like(A, sapo_tau_pos), torch.full_like(A, sapo_tau_neg))
+        gate = torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau
+        return -gate * A, torch.zeros_like(gate, dtype=torch.bool)
+    clip_high = clip_low if clip_high is None else clip_high
+    coef_2 = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    coef_1 = ratio if ratio_cap is None else torch.clamp(ratio, max=ratio_cap)
+    pg1, pg2 = -A * coef_1, -A * coef_2
+    pg = torch.maximum(pg1, pg2)
+    if dual_clip is not None:
+        pg = torch.where(A < 0, torch.minimum(pg, -A * dual_clip), pg)
+    return pg, pg2 > pg1
+
+
+def rollout_correction_weights(old, rollout, m, mode, lo=None, hi=None):
+    """``(weights, stats)``: the rollout (train / inference mismatch) correction of TRL's
+    ``_generate_and_score_completions`` (lines 2660-2708), detached.
+
+    ``exp((old - rollout) * m)`` per token, ``exp(sum_t (old_t - rollout_t) m_t)`` per sequence
+    (``[B, 1]``), NaN differences -> 0, the log clamped to +-20 (verl's SAFETY_BOUND);
+    ``*_truncate`` clamps to ``[lo, hi]``; ``*_mask`` and ``icepop`` zero the weights outside.
+    Stats over counted tokens (token modes) or sequences with a counted token.
+    """
+    with torch.no_grad():
+        diff = torch.nan_to_num((old - rollout) * m, nan=0.0)
+        per_seq = mode in ("sequence_truncate", "sequence_mask")
+        if per_seq:
+            diff = diff.sum(-1, keepdim=True)
+        raw = torch.exp(torch.clamp(diff, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        low = float("-inf") if lo is None else lo
+        high = float("inf") if hi is None else hi
+        outside = (raw < low) | (raw > high)
+        if mode in ("token_truncate", "sequence_truncate"):
+            w = torch.clamp(raw, min=lo, max=hi)
+        elif mode in ("token_mask", "sequence_mask", "icepop"):
+            w = raw.masked_fill(outside, 0.0)
+        else:
+            raise ValueError(f"unknown rollout_correction {mode!r}")
+        unit = (m.sum(-1, keepdim=True) > 0).to(m.dtype) if per_seq else m
+        stats = {"rollout_is_mean": _masked_mean(w, unit),
+                 "rollout_is_frac_corrected": _masked_mean(outside.to(m.dtype), unit)}
+    return w, stats

@@ -20,6 +20,7 @@ from typing import Dict, Mapping, Optional, Sequence
 import torch
 
 from ._rows import first_order_only
+from .policy_forms import FORM_DEFAULTS, rollout_stats, rollout_weights, surrogate
 
 __all__ = [
     "LOSS_AGG_MODES", "KL_ESTIMATORS", "LOG_RATIO_CLAMP", "float_dtype", "as_batch_time", "counted_tokens",
@@ -150,48 +151,56 @@ def policy_terms(
     kl_coef: float,
     kl_estimator: str,
     entropy_coef: float,
+    policy_loss: str = "clip",
+    ratio_level: str = "token",
+    ratio_cap: Optional[float] = None,
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
+    kl_is_correction: bool = False,
+    is_weight: Optional[torch.Tensor] = None,
 ) -> PolicyTerms:
-    """PPO-clip (Schulman et al. 2017, eq. 7) with clip-higher, dual clip (Ye et al. 2020), a KL
-    penalty and an entropy bonus, per token, with closed-form derivatives.
+    """The per-token policy loss with closed-form derivatives: PPO-clip (Schulman et al. 2017,
+    eq. 7) with clip-higher, ``ratio_cap`` and dual clip (Ye et al. 2020), or CISPO / SAPO
+    (:mod:`fastrlhf.policy_forms`), times the rollout correction weight ``is_weight``, plus a KL
+    penalty (times the ratio when ``kl_is_correction``) and an entropy bonus.
 
     All inputs ``[B, T]`` in one float dtype (``adv`` already broadcast per token), detached.
-    Per token: ``ratio = exp(clamp(logp - old, -20, 20))``;
-    ``pg = max(-A ratio, -A clamp(ratio, 1 - clip_low, 1 + clip_high))``; where ``A < 0`` and
-    ``dual_clip = c``: ``pg = min(pg, -A c)``; ``l = pg + kl_coef kl(logp, ref) - entropy_coef H``.
-    Derivatives follow torch's conventions exactly (those of autograd on the oracle): the clamp
-    passes the gradient on its closed interval, a tie of ``max`` / ``min`` splits it half-half.
+    ``u = logp - old`` per token, or (``ratio_level="sequence"``, GSPO) the sequence's mean
+    ``sum_t m_t (logp_t - old_t) / max(1, sum_t m_t)`` shared by its tokens; ``ratio =
+    exp(clamp(u, -20, 20))``. ``l = is_weight * pg(ratio, logp, A) + kl_coef * kl(logp, ref) *
+    (ratio if kl_is_correction) - entropy_coef * H``. With ``D_s = w_s dl_s/du``, the derivative
+    in ``logp_t`` is ``w_t dl_t/dlogp_t + D_t`` per token, ``w_t dl_t/dlogp_t + m_t / n_i sum_s D_s``
+    for a sequence ratio; in ``old_t`` minus the ``D`` part. A sequence ratio needs every token of
+    its sequence: call it on whole rows. Derivatives follow torch's conventions exactly (those of
+    autograd on the oracle): a clamp passes the gradient on its closed interval, a tie of ``max``
+    / ``min`` splits it half-half.
     """
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     # Uncounted tokens: inputs replaced by 0 before any arithmetic, so garbage there (NaN padding)
     # cannot reach the loss, the stats or the gradients.
     logp, old, adv = (torch.where(counted, t, zero) for t in (logp, old, adv))
-    hi = clip_low if clip_high is None else clip_high
-    lr = logp - old
-    ratio = torch.exp(lr.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    d_ratio = torch.where((lr >= -LOG_RATIO_CLAMP) & (lr <= LOG_RATIO_CLAMP), ratio, zero)
-    ratio_c = ratio.clamp(1.0 - clip_low, 1.0 + hi)
-    pg1 = -adv * ratio
-    pg2 = -adv * ratio_c
-    clipped = pg2 > pg1  # the clipped branch is active: its ratio is outside the range, derivative 0
-    pg = torch.maximum(pg1, pg2)
-    dpg = torch.where(clipped, zero, -adv * d_ratio)  # d pg / d logp (a tie has equal derivatives)
-    dpg_da = torch.where(clipped, -ratio_c, torch.where(pg1 > pg2, -ratio, -0.5 * (ratio + ratio_c)))
-    if dual_clip is not None:
-        pg3 = -adv * dual_clip
-        neg = adv < 0
-        above = neg & (pg > pg3)
-        tie = neg & (pg == pg3)
-        dpg = torch.where(above, zero, torch.where(tie, 0.5 * dpg, dpg))
-        dpg_da = torch.where(above, -dual_clip * torch.ones_like(dpg_da),
-                             torch.where(tie, 0.5 * (dpg_da - dual_clip), dpg_da))
-        pg = torch.where(neg, torch.minimum(pg, pg3), pg)
-    tok_loss = pg
-    d_tok = dpg
+    u = logp - old
+    if ratio_level == "sequence":
+        n = counted.sum(-1, keepdim=True).clamp_min(1).to(logp.dtype)  # [B, 1]
+        u = (u.sum(-1, keepdim=True) / n).expand_as(logp)  # uncounted tokens hold 0
+    ratio = torch.exp(u.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    d_ratio = torch.where((u >= -LOG_RATIO_CLAMP) & (u <= LOG_RATIO_CLAMP), ratio, zero)
+    s = surrogate(ratio, d_ratio, logp, adv, policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high,
+                  dual_clip=dual_clip, ratio_cap=ratio_cap, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg)
+    tok_loss, d_u, d_direct, d_a = s.pg, s.d_u, s.d_logp, s.d_adv
+    if is_weight is not None:  # the rollout correction weight: a constant (no gradient)
+        c = torch.where(counted, is_weight, zero)
+        tok_loss, d_u, d_a = c * tok_loss, c * d_u, c * d_a
+        d_direct = None if d_direct is None else c * d_direct
+    d_direct = torch.zeros_like(logp) if d_direct is None else d_direct
     kl = d_ref = None
     if kl_coef > 0:
         kl, dkl = kl_terms(logp, torch.where(counted, ref, zero), kl_estimator)
+        if kl_is_correction:  # TRL's use_bias_correction_kl: kl * coef_1, with coef_1's gradient
+            d_u = d_u + kl_coef * kl * d_ratio
+            kl, dkl = kl * ratio, dkl * ratio
         tok_loss = tok_loss + kl_coef * kl
-        d_tok = d_tok + kl_coef * dkl
+        d_direct = d_direct + kl_coef * dkl
         d_ref = -w * kl_coef * dkl
     d_entropy = None
     if entropy_coef > 0:
@@ -200,10 +209,13 @@ def policy_terms(
         d_entropy = -entropy_coef * w
     tok_loss = torch.where(counted, tok_loss, zero)
     loss = (w * tok_loss).sum()
-    d_logp = w * d_tok
-    d_old = -w * dpg
-    d_adv = w * dpg_da
-    return PolicyTerms(loss, tok_loss, ratio, clipped & counted, kl, d_logp, d_entropy, d_old, d_adv, d_ref)
+    through = torch.where(counted, w * d_u, zero)  # d loss / d u of each token
+    if ratio_level == "sequence":
+        through = torch.where(counted, (through.sum(-1, keepdim=True) / n).expand_as(logp), zero)
+    d_logp = w * d_direct + through
+    d_old = -through
+    d_adv = w * d_a
+    return PolicyTerms(loss, tok_loss, ratio, s.clipped & counted, kl, d_logp, d_entropy, d_old, d_adv, d_ref)
 
 
 class KnownGradLoss(torch.autograd.Function):
@@ -284,16 +296,23 @@ def policy_loss_from_logprobs(
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     entropy_coef: float = 0.0,
+    rollout_logprobs: Optional[torch.Tensor] = None,
+    rollout_correction: Optional[str] = None,
+    rollout_is_min: Optional[float] = None,
+    rollout_is_max: Optional[float] = None,
+    **forms,
 ):
-    """``(loss, stats)`` of PPO-clip from per-token values: ``logp``, ``counted`` (bool) and the
-    other per-token inputs ``[B, T]`` (``advantages`` may be ``[B]``); ``entropy`` when the loss or
-    the stats use it. Differentiable in ``logp``, ``entropy``, ``old_logprobs``, ``advantages`` and
-    ``ref_logprobs`` (closed-form derivatives, see :func:`policy_terms`). ``weights`` overrides
-    the ``loss_agg`` weights (a global normaliser under data parallelism, say).
-    Options as :func:`fastrlhf.ppo_clip_loss` (already checked by the callers).
+    """``(loss, stats)`` of the policy loss from per-token values: ``logp``, ``counted`` (bool) and
+    the other per-token inputs ``[B, T]`` (``advantages`` may be ``[B]``); ``entropy`` when the loss
+    or the stats use it. Differentiable in ``logp``, ``entropy``, ``old_logprobs``, ``advantages``
+    and ``ref_logprobs`` (closed-form derivatives, see :func:`policy_terms`); ``rollout_logprobs``
+    carries none. ``weights`` overrides the ``loss_agg`` weights (a global normaliser under data
+    parallelism, say). ``forms``: ``policy_loss``, ``ratio_level``, ``ratio_cap``,
+    ``sapo_tau_pos`` / ``_neg``, ``kl_is_correction``. Options as :func:`fastrlhf.ppo_clip_loss`
+    (already checked by the callers).
     """
     opts = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
-                kl_estimator=kl_estimator, entropy_coef=entropy_coef)
+                kl_estimator=kl_estimator, entropy_coef=entropy_coef, **{**FORM_DEFAULTS, **forms})
     dt = float_dtype(logp)
     lp = as_batch_time(logp)
     shape = lp.shape
@@ -304,10 +323,16 @@ def policy_loss_from_logprobs(
         old = per_token(old_logprobs, shape, dt)
         adv = per_token(advantages, shape, dt)
         ref = per_token(ref_logprobs, shape, dt) if ref_logprobs is not None else None
+        isw = None
+        if rollout_correction is not None:
+            isw, corrected, units = rollout_weights(old, per_token(rollout_logprobs, shape, dt), counted,
+                                                    rollout_correction, rollout_is_min, rollout_is_max)
         terms = policy_terms(lp.detach().to(dt), None if ent is None else ent.detach(), old, adv, ref, w, counted,
-                             **opts)
+                             is_weight=isw, **opts)
         stats = policy_stats(terms.ratio, terms.clipped, terms.kl, lp.detach().to(dt), old,
                              None if ent is None else ent.detach(), counted)
+        if isw is not None:
+            stats.update(rollout_stats(isw, corrected, units))
     inputs: Sequence[Optional[torch.Tensor]] = (logp, entropy, old_logprobs, advantages, ref_logprobs)
     grads = [terms.d_logp, terms.d_entropy, terms.d_old, terms.d_adv, terms.d_ref]
     grads = [None if (t is None or not t.requires_grad) else g for t, g in zip(inputs, grads)]
