@@ -116,6 +116,15 @@ def _check_linear_inputs(hidden, weight, bias, labels, ignore_index) -> None:
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if hidden.dim() < 2:
         raise ValueError(f"hidden must be [..., H] with at least 2 dims, got shape {tuple(hidden.shape)}")
+    for name, t in (("weight", weight), ("hidden", hidden), ("bias", bias)):
+        if type(t).__name__ == "DTensor":  # an FSDP2 / tensor-parallel shard (torch.distributed.tensor)
+            raise TypeError(
+                f"{name} is a DTensor (e.g. an lm_head sharded by FSDP2's fully_shard); the linear_* ops need the "
+                "full [V, H] weight as a plain tensor. Call the op inside the FSDP root module's forward, where "
+                "FSDP2 has gathered the root's parameters (fastrlhf.algos.engine.RootForward does this), or keep "
+                "the lm_head out of the sharded modules. Not weight.full_tensor(): its gradient skips FSDP's "
+                "gradient reduction over the ranks"
+            )
     if weight.dim() != 2:
         raise ValueError(f"weight must be [V, H] (the lm_head / tied embedding), got shape {tuple(weight.shape)}")
     V, H = weight.shape
