@@ -1,6 +1,6 @@
 """fastrlhf: fused Triton / C++ kernels for RLHF losses that never build vocabulary-sized tensors.
 
-Public API (``shared/API.md``): token ops, KL estimators, PPO/GRPO/DPO losses from logits
+Public API (``docs/API.md``): token ops, KL estimators, PPO/GRPO/DPO losses from logits
 and from hidden states + lm_head weight (``linear_*``), GAE and group advantages; beyond the
 contract: RLOO / REINFORCE / REINFORCE++ advantages, the Bradley-Terry reward-model loss and
 RRHF. Trainers live in ``fastrlhf.algos``, drop-ins for TRL / verl / OpenRLHF in

@@ -1,11 +1,11 @@
-"""DPO loss and its variants from logits (``shared/API.md``, "DPO loss from logits").
+"""DPO loss and its variants from logits (``docs/API.md``, "DPO loss from logits").
 
 How it runs: the row forward of :mod:`fastrlhf.logprobs` (per-token logp and logsumexp), the
 sequence sums, then the ``[B]``-sized pair loss below under autograd; a token's upstream
 gradient depends on its sequence's sum, so the logits' gradient pass runs in backward
 (2 reads and 1 write of ``N x V`` in all).
 
-Kernel: ``fastrlhf/kernels/logprobs.py``. Oracle: ``fastrlhf/reference.py::dpo_loss``.
+Kernel: ``fastrlhf/kernels/logprobs.py``. Oracle: ``fastrlhf/reference/dpo.py::dpo_loss``.
 Tests: ``tests/test_dpo.py``. Benchmark: ``fastrlhf bench dpo``.
 """
 

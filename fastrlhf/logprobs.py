@@ -1,6 +1,6 @@
 """Token ops: log-probability of each label and entropy per row, from logits.
 
-Public ops of ``shared/API.md`` ("Token ops"): :func:`token_logprobs`,
+Public ops of ``docs/API.md`` ("Token ops"): :func:`token_logprobs`,
 :func:`token_logprobs_and_entropy`, :func:`entropy`. Each is one autograd Function over the row
 primitives of :mod:`fastrlhf._rows` (forward: one streaming pass per row writing only ``[N]``
 outputs; backward: one pass recomputing the softmax from the saved logsumexp and writing the
@@ -8,7 +8,7 @@ logits' gradient), on the backend :mod:`fastrlhf._backend` picks. The losses of
 :mod:`fastrlhf.ppo` and :mod:`fastrlhf.dpo` are built on :func:`token_values`.
 
 Kernel: ``fastrlhf/kernels/logprobs.py`` (Triton), ``fastrlhf/csrc/rows.cpp`` (native), the
-chunked torch twin in ``fastrlhf/_rows.py``. Oracle: ``fastrlhf/reference.py`` (same names).
+chunked torch twin in ``fastrlhf/_rows.py``. Oracle: ``fastrlhf/reference/logprobs.py`` (same names).
 Tests: ``tests/test_logprobs.py``. Benchmark: ``fastrlhf bench logprobs`` / ``entropy``.
 """
 

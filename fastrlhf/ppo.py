@@ -1,6 +1,6 @@
 """PPO-clip and GRPO policy losses from logits, and the per-token KL estimate.
 
-Public ops of ``shared/API.md`` ("Policy losses from logits", "KL estimators"):
+Public ops of ``docs/API.md`` ("Policy losses from logits", "KL estimators"):
 :func:`ppo_clip_loss`, :func:`grpo_loss`, :func:`kl_estimate`.
 
 How it runs: the row forward of :mod:`fastrlhf.logprobs` (one pass over the logits: logp,
@@ -13,7 +13,7 @@ Gradients flow to the logits and, when they require grad, to ``old_logprobs``, `
 and ``ref_logprobs`` (exact on every backend).
 
 Kernel: ``fastrlhf/kernels/logprobs.py`` (forward + gradient pass). Oracle:
-``fastrlhf/reference.py::ppo_clip_loss`` / ``grpo_loss``. Tests: ``tests/test_ppo.py``.
+``fastrlhf/reference/policy.py::ppo_clip_loss`` / ``grpo_loss``. Tests: ``tests/test_ppo.py``.
 Benchmark: ``fastrlhf bench grpo``.
 """
 

@@ -4,10 +4,10 @@ Everything here is per token or per sequence, never per vocabulary entry: the vo
 work is the row pass of :mod:`fastrlhf._rows`. The PPO-clip / GRPO terms are computed once, in
 forward, together with their derivatives in every input (the torch twin of the per-token math a
 fused kernel would do); backward only scales them by the upstream gradient, in fp32.
-Written independently of the oracle ``fastrlhf/reference.py``, which the tests compare against
+Written independently of the oracle ``fastrlhf/reference/``, which the tests compare against
 (and against autograd on it, ``tests/test_token_math.py``).
 
-Conventions (``shared/API.md``): ``[B, T]`` per-token tensors (1-D is ``[1, N]``); ``counted``
+Conventions (``docs/API.md``): ``[B, T]`` per-token tensors (1-D is ``[1, N]``); ``counted``
 tokens have ``mask`` true and a label other than ``ignore_index``; uncounted tokens contribute
 exactly nothing, whatever values (NaN included) sit in their inputs.
 """

