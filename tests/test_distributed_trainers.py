@@ -1,0 +1,162 @@
+"""The trainers on 2 processes (gloo, CPU) against 1 process: DDP and FSDP2 (fastrlhf.algos.engine).
+
+One ``torchrun --nproc_per_node 2 tests/distributed_worker.py`` runs every 2-process scenario
+(about 20 s); the one-process references run here, in the test process.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastrlhf import cli
+
+HERE = Path(__file__).parent
+spec = importlib.util.spec_from_file_location("distributed_worker", HERE / "distributed_worker.py")
+worker = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(worker)
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+TIMING = ("tokens_per_s", "step_time_s", "peak_mem_mb")
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    """The worker's outputs: ``(out_dir, [rank0 results, rank1 results])``."""
+    out = tmp_path_factory.mktemp("two")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(HERE / "distributed_worker.py"), str(out)], capture_output=True, text=True,
+                       timeout=600, env=env, cwd=HERE.parent)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return out, [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def one(tmp_path_factory):
+    """One-process CLI runs of dpo and rm with the same arguments; the rows of each step."""
+    from fastrlhf.algos.dpo import DPO
+    from fastrlhf.algos.reward import RewardModel
+
+    out = tmp_path_factory.mktemp("one")
+    rows = {}
+    for algo, cls in (("dpo", DPO), ("rm", RewardModel)):
+        orig = cls.train_step
+
+        def spy(self, batch, orig=orig, algo=algo):
+            rows.setdefault(algo, []).append([json.dumps(r, sort_keys=True) for r in batch])
+            return orig(self, batch)
+
+        cls.train_step = spy
+        try:
+            worker.cli_run(str(out / algo), algo, *worker.CLI_COMMON)
+        finally:
+            cls.train_step = orig
+    return out, rows
+
+
+def weights(run: Path):
+    from safetensors.torch import load_file
+
+    return load_file(run / "final" / "model.safetensors"), load_file(run / "init" / "model.safetensors")
+
+
+def metrics(run: Path):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("algo", ["dpo", "rm"])
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+def test_two_processes_end_with_the_one_process_weights(two, one, algo, kind):
+    (out2, res), (out1, rows1) = two, one
+    w1, init = weights(out1 / algo)
+    w2, _ = weights(out2 / f"{algo}-{kind}")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        rel = float((w2[k] - w1[k]).norm() / w1[k].norm())
+        assert rel <= 1e-5, (k, rel)
+    # the updates themselves agree (a run that did not train would pass the check above only if lr were tiny)
+    shared = [k for k in w1 if k in init]
+    upd1 = torch.cat([(w1[k] - init[k]).flatten() for k in shared])
+    upd2 = torch.cat([(w2[k] - init[k]).flatten() for k in shared])
+    assert float(upd1.norm() / torch.cat([init[k].flatten() for k in shared]).norm()) > 1e-3
+    assert float((upd2 - upd1).norm() / upd1.norm()) < 1e-3
+    # each rank trained on a different half of each global batch; together they are the one-process batch
+    seen = [r["rows"][f"{algo}-{kind}"] for r in res]
+    assert len(seen[0]) == len(seen[1]) == len(rows1[algo]) == 2
+    for step, global_rows in enumerate(rows1[algo]):
+        a, b = seen[0][step], seen[1][step]
+        assert len(a) == len(b) == len(global_rows) // 2
+        assert a + b == global_rows and a != b
+    # rank 0 alone wrote: one metrics line per step, one run directory
+    assert [m["step"] for m in metrics(out2 / f"{algo}-{kind}")] == [1, 2]
+    assert (out2 / f"{algo}-{kind}" / "summary.json").exists()
+
+
+def test_fsdp2_resume_is_bit_for_bit(two):
+    out, _ = two
+    full, resumed = out / "grpo-full", out / "grpo-resumed"
+    assert (resumed / "checkpoint-4" / "dcp").is_dir()
+    assert {p.name for p in (resumed / "checkpoint-4").glob("rng-*.pt")} == {"rng-0.pt", "rng-1.pt"}
+    assert json.loads((resumed / "summary.json").read_text())["steps_this_run"] == 2  # resumed at step 2
+    a, b = weights(full)[0], weights(resumed)[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert metrics(full) == metrics(resumed)
+    assert [m["step"] for m in metrics(resumed)] == [1, 2, 3, 4]
+
+
+def test_grpo_groups_stay_on_one_rank_and_reward_rises(two):
+    _, res = two
+    G, steps = 4, len(res[0]["grpo"]["rewards"])
+    for step in range(steps):
+        local = [r["grpo"]["calls"][step] for r in res]
+        for prompts in local:  # each prompt's G completions are scored together, on one rank
+            assert len(prompts) == 2 * G
+            assert all(len(set(prompts[i : i + G])) == 1 for i in range(0, len(prompts), G))
+        assert local[0][::G] + local[1][::G] == res[0]["grpo"]["rows"][step]  # the global batch, split
+    assert res[0]["grpo"]["rewards"] == res[1]["grpo"]["rewards"]  # metrics are all-reduced
+    rewards = res[0]["grpo"]["rewards"]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.2
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+def test_loss_normaliser_is_the_global_token_count(two, kind):
+    out, _ = two
+    ref = worker.normaliser_grads("none")  # one process, the same 4 prompts x 2 completions
+    got = torch.load(out / f"grads-{kind}.pt")
+    for k, g in ref.items():
+        assert float((got[k] - g).norm()) <= 1e-5 * float(g.norm()) + 1e-8, k
+    # rank 0's completions are short, rank 1's long: a per-rank token mean would weigh them differently
+    lengths = [sum(map(len, worker.NORM_COMPLETIONS[p])) for p in worker.NORM_PROMPTS]
+    assert lengths[0] + lengths[1] < (lengths[2] + lengths[3]) / 3
+
+
+def test_linear_op_on_a_sharded_lm_head(two):
+    _, res = two
+    for r in res:
+        assert r["linear"]["error"].startswith("TypeError: weight is a DTensor")
+        assert "RootForward" in r["linear"]["error"]
+        assert r["linear"]["grad_rel_err"] <= 1e-6  # the op inside the root forward: exact gradients
+
+
+def test_distributed_none_under_a_launcher_is_refused(monkeypatch):
+    from fastrlhf.algos.engine import resolve_engine
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="--distributed ddp"):
+        resolve_engine("none")
+    assert resolve_engine("auto") == "ddp"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert resolve_engine("auto") == "none"
+
+
+def test_cli_parses_the_engine_flags():
+    args = cli.build_parser().parse_args(["train", "dpo", "--distributed", "fsdp2", "--cpu-offload"])
+    assert (args.distributed, args.cpu_offload) == ("fsdp2", True)
