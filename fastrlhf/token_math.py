@@ -44,7 +44,9 @@ def float_dtype(*ts: Optional[torch.Tensor]) -> torch.dtype:
 def as_batch_time(t: torch.Tensor) -> torch.Tensor:
     """A per-token tensor ``[...]`` as ``[B, T]`` (1-D -> ``[1, N]``; >2-D -> leading dims merged; a view
     whenever the strides allow, as for 2-D inputs)."""
-    return t.reshape(1 if t.dim() == 1 else -1, t.shape[-1])
+    if t.dim() == 2:
+        return t
+    return t.reshape(1 if t.dim() == 1 else -1, t.shape[-1])  # -1 would be ambiguous for T = 0 in 2-D
 
 
 def counted_tokens(labels: torch.Tensor, mask: Optional[torch.Tensor], ignore_index: int) -> torch.Tensor:
