@@ -125,6 +125,8 @@ def main(out: str) -> None:
         for kind in ("ddp", "fsdp2"):
             res["run"] = f"{algo}-{kind}"
             cli_run(os.path.join(out, res["run"]), algo, *CLI_COMMON, "--distributed", kind)
+    res["run"] = "dpo-fsdp2-offload"  # FSDP2's CPUOffloadPolicy
+    cli_run(os.path.join(out, res["run"]), "dpo", *CLI_COMMON, "--distributed", "fsdp2", "--cpu-offload")
 
     # 2. FSDP2 checkpoint + --resume against an uninterrupted run (GRPO: sampling RNG included).
     cli_run(os.path.join(out, "grpo-full"), "grpo", *GRPO_ARGS, "--steps", "4", "--distributed", "fsdp2")

@@ -72,8 +72,8 @@ def metrics(run: Path):
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("algo", ["dpo", "rm"])
-@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("algo, kind", [("dpo", "ddp"), ("dpo", "fsdp2"), ("rm", "ddp"), ("rm", "fsdp2"),
+                                       ("dpo", "fsdp2-offload")])
 def test_two_processes_end_with_the_one_process_weights(two, one, algo, kind):
     (out2, res), (out1, rows1) = two, one
     w1, init = weights(out1 / algo)

@@ -251,10 +251,14 @@ class Engine:
         fully_shard(root, **kw)
         return root
 
-    def reshard(self, root: nn.Module) -> None:
-        """FSDP2: free the root's gathered parameters (it keeps them after a forward, expecting a backward)."""
-        if self.kind == "fsdp2":
-            root.reshard()
+    def call(self, root: Optional[nn.Module], model: nn.Module, fn, *args):
+        """``fn(model, *args)``, through ``root`` (the :meth:`wrap` of ``model``) when there is one."""
+        if root is None:
+            return fn(model, *args)
+        out = root(fn, *args)
+        if self.kind == "fsdp2" and not torch.is_grad_enabled():
+            root.reshard()  # FSDP2 keeps the root gathered after a forward, waiting for a backward that won't come
+        return out
 
     def full_state_dict(self, root: nn.Module) -> Optional[Dict[str, torch.Tensor]]:
         """The wrapped model's full state dict on rank 0's CPU (None on the other ranks); a collective."""

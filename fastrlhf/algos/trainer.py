@@ -233,13 +233,7 @@ class Trainer:
 
     def call(self, model, fn: Callable, *args):
         """``fn(model, *args)``, through ``model``'s root forward when an engine wraps it (so its hooks fire)."""
-        root = self.roots.get(id(model))
-        if root is None:
-            return fn(model, *args)
-        out = root(fn, *args)
-        if not torch.is_grad_enabled():  # FSDP2 keeps the root gathered after forward, waiting for a backward
-            self.engine.reshard(root)
-        return out
+        return self.engine.call(self.roots.get(id(model)), model, fn, *args)
 
     def completion_forward(self, model, batch: SequenceBatch, fn: Callable):
         """``fn(hidden [B, R, H], op)`` run inside ``model``'s forward; ``op(name, hidden, *args)`` is
