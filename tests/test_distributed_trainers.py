@@ -160,3 +160,28 @@ def test_distributed_none_under_a_launcher_is_refused(monkeypatch):
 def test_cli_parses_the_engine_flags():
     args = cli.build_parser().parse_args(["train", "dpo", "--distributed", "fsdp2", "--cpu-offload"])
     assert (args.distributed, args.cpu_offload) == ("fsdp2", True)
+
+
+ACCELERATE_CONFIG = """compute_environment: LOCAL_MACHINE
+distributed_type: MULTI_GPU
+num_machines: 1
+num_processes: 2
+mixed_precision: 'no'
+use_cpu: true
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="accelerate is not installed")
+def test_accelerate_launch_fsdp2_matches_one_process(one, tmp_path):
+    """accelerate's launcher (torchrun underneath; MULTI_GPU with use_cpu gives gloo on CPU) runs the same job."""
+    out1, _ = one
+    (tmp_path / "acc.yaml").write_text(ACCELERATE_CONFIG)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "acc.yaml"),
+                        "-m", "fastrlhf", "train", "dpo", *worker.CLI_COMMON, "--distributed", "fsdp2",
+                        "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=600, env=env,
+                       cwd=HERE.parent)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    w1, w2 = weights(out1 / "dpo")[0], weights(tmp_path / "run")[0]
+    assert all(float((w2[k] - w1[k]).norm() / w1[k].norm()) <= 1e-5 for k in w1)
+    assert len(metrics(tmp_path / "run")) == 2
