@@ -4,8 +4,11 @@ verl needs ray (and more) to import, so CI does not install it. The ``_verl_*`` 
 are verl's formulas transcribed from verl 0.9.1 (``pip download verl==0.9.1``; the same bodies
 on volcengine/verl main): ``verl/utils/torch_functional.py`` (``masked_sum``, ``masked_mean``,
 ``entropy_from_logits``) and ``verl/trainer/ppo/core_algos.py`` (``agg_loss``, ``kl_penalty``,
-``kl_penalty_forward``, ``compute_policy_loss_vanilla``). Token ops are checked against the fp64
-oracle (fastrlhf.reference). Where verl itself imports, the last tests run against it.
+``kl_penalty_forward``, ``compute_policy_loss_vanilla``), and from verl-project/verl @ 1dda039b:
+``core_algos.py`` ``compute_policy_loss_gspo`` (lines 1545-1618), ``compute_policy_loss_sapo``
+(1621-1703), ``compute_policy_loss_cispo`` (2046-2104) and ``rollout_corr_helper.py``
+``compute_rollout_correction_weights`` (522-657). Token ops are checked against the fp64 oracle
+(fastrlhf.reference). Where verl itself imports, the last tests run against it.
 """
 
 import importlib
@@ -13,8 +16,9 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import assert_grad_close
+from conftest import assert_grad_close, backends
 
+import fastrlhf
 import fastrlhf.integrations.verl as V
 from fastrlhf import reference as R
 from fastrlhf.integrations import IntegrationWarning
@@ -107,6 +111,86 @@ def _verl_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask,
     return pg_loss, metrics
 
 
+def _verl_metrics(pg_clipfrac, ppo_kl, pg_clipfrac_lower):
+    return {"actor/pg_clipfrac": pg_clipfrac.item(), "actor/ppo_kl": ppo_kl.item(),
+            "actor/pg_clipfrac_lower": pg_clipfrac_lower.item()}
+
+
+def _verl_policy_loss_gspo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                           rollout_is_weights=None):
+    # verl @ 1dda039b verl/trainer/ppo/core_algos.py compute_policy_loss_gspo, lines 1573-1618
+    clip_ratio_low = config.clip_ratio_low if config.clip_ratio_low is not None else config.clip_ratio
+    clip_ratio_high = config.clip_ratio_high if config.clip_ratio_high is not None else config.clip_ratio
+    negative_approx_kl = log_prob - old_log_prob
+    seq_lengths = torch.sum(response_mask, dim=-1).clamp(min=1)
+    negative_approx_kl_seq = torch.sum(negative_approx_kl * response_mask, dim=-1) / seq_lengths
+    log_seq_importance_ratio = log_prob - log_prob.detach() + negative_approx_kl_seq.detach().unsqueeze(-1)
+    log_seq_importance_ratio = torch.clamp(log_seq_importance_ratio, max=10.0)
+    seq_importance_ratio = torch.exp(log_seq_importance_ratio)
+    pg_losses1 = -advantages * seq_importance_ratio
+    pg_losses2 = -advantages * torch.clamp(seq_importance_ratio, 1 - clip_ratio_low, 1 + clip_ratio_high)
+    pg_losses = torch.maximum(pg_losses1, pg_losses2)
+    if rollout_is_weights is not None:
+        pg_losses = pg_losses * rollout_is_weights
+    pg_loss = _verl_agg_loss(pg_losses, response_mask, "seq-mean-token-mean", **config.global_batch_info)
+    pg_clipfrac = _verl_masked_mean(torch.gt(pg_losses2, pg_losses1).float(), response_mask)
+    ppo_kl = _verl_masked_mean(-negative_approx_kl, response_mask)
+    return pg_loss, _verl_metrics(pg_clipfrac, ppo_kl, torch.tensor(0.0))
+
+
+def _verl_policy_loss_sapo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                           rollout_is_weights=None):
+    # verl @ 1dda039b verl/trainer/ppo/core_algos.py compute_policy_loss_sapo, lines 1649-1703
+    tau_pos = torch.as_tensor(config.tau_pos, dtype=advantages.dtype, device=advantages.device)
+    tau_neg = torch.as_tensor(config.tau_neg, dtype=advantages.dtype, device=advantages.device)
+    negative_approx_kl = torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0)
+    ratio = torch.exp(negative_approx_kl)
+    taus = torch.where(advantages > 0, tau_pos, tau_neg)
+    gates = torch.sigmoid(taus * (ratio - 1.0)) * (4.0 / taus)
+    pg_losses = -gates * advantages
+    if rollout_is_weights is not None:
+        pg_losses = pg_losses * rollout_is_weights
+    pg_loss = _verl_agg_loss(pg_losses, response_mask, "seq-mean-token-mean", **config.global_batch_info)
+    ppo_kl = _verl_masked_mean(-negative_approx_kl, response_mask)
+    return pg_loss, _verl_metrics(torch.tensor(0.0), ppo_kl, torch.tensor(0.0))
+
+
+def _verl_policy_loss_cispo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                            rollout_is_weights=None):
+    # verl @ 1dda039b verl/trainer/ppo/core_algos.py compute_policy_loss_cispo, lines 2062-2104
+    clip_ratio_low = config.clip_ratio_low if config.clip_ratio_low is not None else config.clip_ratio
+    clip_ratio_high = config.clip_ratio_high if config.clip_ratio_high is not None else config.clip_ratio
+    negative_approx_kl = torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0)
+    ratio = torch.exp(negative_approx_kl)
+    ppo_kl = _verl_masked_mean(-negative_approx_kl, response_mask)
+    clipped_ratio = torch.clamp(ratio, 1 - clip_ratio_low, 1 + clip_ratio_high)
+    pg_losses = -clipped_ratio.detach() * advantages * log_prob
+    pg_clipfrac = _verl_masked_mean((ratio != clipped_ratio).float(), response_mask)
+    if rollout_is_weights is not None:
+        pg_losses = pg_losses * rollout_is_weights
+    pg_loss = _verl_agg_loss(pg_losses, response_mask, loss_agg_mode, **config.global_batch_info)
+    return pg_loss, _verl_metrics(pg_clipfrac, ppo_kl, torch.tensor(0.0))
+
+
+def _verl_rollout_is_weights(log_ratio, response_mask, rollout_is, rollout_is_threshold):
+    # verl @ 1dda039b verl/trainer/ppo/rollout_corr_helper.py compute_rollout_correction_weights,
+    # lines 565-625 (threshold "lo_hi" -> IcePop, a float -> TIS; no batch normalisation)
+    if isinstance(rollout_is_threshold, str):
+        lower, upper = (float(v) for v in rollout_is_threshold.split("_", 1))
+    else:
+        lower, upper = None, float(rollout_is_threshold)
+    if rollout_is == "token":
+        raw = torch.exp(torch.clamp(log_ratio, min=-20.0, max=20.0))
+    else:
+        log_ratio_sum = _verl_masked_sum(log_ratio, response_mask, axis=-1).unsqueeze(-1)
+        raw = torch.exp(torch.clamp(log_ratio_sum, min=-20.0, max=20.0)).expand_as(log_ratio)
+    raw = raw * response_mask
+    if lower is None:
+        return raw.clamp(max=upper).detach()
+    kept = (raw >= lower) & (raw <= upper)
+    return torch.where(kept, raw, torch.zeros_like(raw)).detach()
+
+
 class _Config(dict):
     """verl's actor config as the loss reads it: attributes plus ``.get``."""
 
@@ -117,8 +201,9 @@ class _Config(dict):
             raise AttributeError(key) from e
 
 
-def _config(clip_ratio=0.2, low=None, high=None, c=None, batch_info=None):
-    cfg = _Config(clip_ratio=clip_ratio, clip_ratio_low=low, clip_ratio_high=high, global_batch_info=batch_info or {})
+def _config(clip_ratio=0.2, low=None, high=None, c=None, batch_info=None, tau_pos=1.0, tau_neg=1.05):
+    cfg = _Config(clip_ratio=clip_ratio, clip_ratio_low=low, clip_ratio_high=high, global_batch_info=batch_info or {},
+                  tau_pos=tau_pos, tau_neg=tau_neg)
     if c is not None:
         cfg["clip_ratio_c"] = c
     return cfg
@@ -310,6 +395,152 @@ def test_policy_loss_errors():
 
 
 # ----------------------------------------------------------------------------------------
+# GSPO (GSPO-token), SAPO, CISPO, rollout IS weights (verl @ 1dda039b)
+# ----------------------------------------------------------------------------------------
+
+FORMS = {
+    "gspo": (V.compute_policy_loss_gspo, V.compute_policy_loss_gspo_tuple, _verl_policy_loss_gspo),
+    "sapo": (V.compute_policy_loss_sapo, V.compute_policy_loss_sapo_tuple, _verl_policy_loss_sapo),
+    "cispo": (V.compute_policy_loss_cispo, V.compute_policy_loss_cispo_tuple, _verl_policy_loss_cispo),
+}
+
+
+def _form_batch(seed, dtype, per_token_adv):
+    g = torch.Generator().manual_seed(seed)
+    B, T = 6, 9
+    mask = _mask(B, T, seed + 1)
+    lp = (torch.randn(B, T, generator=g, dtype=torch.float64) * 0.5 - 1).to(dtype)
+    old = (lp.double() + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.4).to(dtype)  # ratios on both sides
+    old[4] = lp[4] - 11.0  # GSPO: log s_i = 11 > 10, verl's clamp (no gradient through the ratio there)
+    adv = torch.randn(B, T if per_token_adv else 1, generator=g, dtype=torch.float64).expand(B, T).to(dtype)
+    isw = (torch.rand(B, T, generator=g, dtype=torch.float64) * 2).to(dtype)
+    return mask, lp, old, adv.contiguous(), isw
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("per_token_adv", [True, False], ids=["token-adv", "seq-adv"])
+@pytest.mark.parametrize("with_is,info,mode", [
+    (False, {}, "token-mean"),
+    (True, {}, "seq-mean-token-sum"),
+    (True, dict(dp_size=2, batch_num_tokens=30, global_batch_size=9), "token-mean"),
+], ids=["plain", "is-weights", "is-weights-global"])
+def test_policy_loss_forms_match_verl(form, dtype, per_token_adv, with_is, info, mode):
+    """Value, gradients in log_prob / old_log_prob / advantages, and metrics vs verl's code (transcribed)."""
+    ours_fn, tuple_fn, theirs_fn = FORMS[form]
+    mask, lp, old, adv, isw = _form_batch(11, dtype, per_token_adv)
+    config = _config(low=0.2, high=0.28, batch_info=info, tau_pos=1.0, tau_neg=1.05)
+    isw = isw if with_is else None
+    results = []
+    for fn in (ours_fn, theirs_fn):
+        x, o, a = (t.clone().requires_grad_(True) for t in (lp, old, adv))
+        loss, metrics = fn(o, x, a, mask, mode, config, isw)
+        grads = torch.autograd.grad(loss, (x, o, a), allow_unused=True)
+        results.append((loss, metrics, [torch.zeros_like(lp) if gr is None else gr for gr in grads]))
+    (ours, m_ours, g_ours), (theirs, m_theirs, g_theirs) = results
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=1e-13, rtol=1e-12)
+    assert ours.shape == () and ours.dtype == dtype
+    torch.testing.assert_close(ours, theirs, **tol)
+    for name, go, gt in zip(("log_prob", "old_log_prob", "advantages"), g_ours, g_theirs):
+        torch.testing.assert_close(go, gt, **tol, msg=lambda msg, n=name: f"d/d{n}: {msg}")
+    assert m_ours.keys() == m_theirs.keys()
+    for k in m_ours:
+        assert m_ours[k] == pytest.approx(m_theirs[k], abs=1e-6), k
+    tup = tuple_fn(old, lp, adv, mask, mode, config, isw)
+    assert len(tup) == 4 and torch.equal(tup[0], ours.detach())
+    if form == "gspo":  # the clamped sequence (log s_i = 11) passes no gradient through its ratio
+        assert (g_ours[0][4] == 0).all()
+
+
+def test_gspo_token_differs_from_sequence_ratio_with_per_token_advantages():
+    """verl's GSPO-token sends token t's gradient to log_prob_t only; fastrlhf's ratio_level="sequence"
+    (TRL's GSPO) spreads it over the sequence. Equal with per-sequence advantages, not with per-token
+    ones: the drop-in must follow verl (the test above), and here is the difference it avoids."""
+    mask, lp, old, adv, _ = _form_batch(12, torch.float64, per_token_adv=True)
+    old[4] = lp[4] - 0.3
+    cfg = _config(low=0.2, high=0.28)
+    x = lp.clone().requires_grad_(True)
+    g_verl, = torch.autograd.grad(V.compute_policy_loss_gspo(old, x, adv, mask, "token-mean", cfg)[0], x)
+    from fastrlhf.token_math import policy_loss_from_logprobs
+    y = lp.clone().requires_grad_(True)
+    seq, _ = policy_loss_from_logprobs(y, mask.bool(), old, adv, loss_agg="seq-mean-token-mean", clip_low=0.2,
+                                       clip_high=0.28, ratio_level="sequence")
+    g_seq, = torch.autograd.grad(seq, y)
+    assert (g_verl - g_seq).abs().max() > 1e-3
+
+
+def _logits_batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    B, T, Vocab = 4, 7, 97
+    x = torch.randn(B, T, Vocab, generator=g) * 2
+    labels = torch.randint(0, Vocab, (B, T), generator=g)
+    mask = torch.ones(B, T)
+    mask[1, 5:] = 0
+    mask[3, 2:] = 0
+    lp = fastrlhf.token_logprobs(x, labels, backend="torch").double()
+    old = lp + 0.05 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    rollout = old + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    return x, labels, mask, old.float(), rollout.float(), adv.float()
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("case", ["gspo", "sapo", "cispo", "vanilla-tis-token", "vanilla-icepop", "vanilla-tis-seq",
+                                  "gspo-tis-seq"])
+def test_drop_ins_equal_fastrlhf_ops(backend, case):
+    """The drop-ins on fastrlhf's logprobs equal fastrlhf's fused op with the matching options, on every
+    backend (value and logits gradient, fp32): GSPO with per-sequence advantages = ratio_level="sequence";
+    SAPO = policy_loss="sapo"; CISPO where no ratio is below 1 - clip_ratio_low = policy_loss="cispo" with
+    clip_high = 1 + clip_ratio_high; verl's TIS / IcePop weights = rollout_correction (GSPO with a
+    sequence-level weight only: per-token weights are where GSPO-token leaves ratio_level="sequence")."""
+    x, labels, mask, old, rollout, adv = _logits_batch(13)
+    cfg = _config(low=0.2, high=0.28)
+    A = adv.unsqueeze(-1).expand_as(old).contiguous()
+    form, _, corr = case.partition("-")
+    fn = {"vanilla": V.compute_policy_loss_vanilla, **{k: v[0] for k, v in FORMS.items()}}[form]
+    agg = {"gspo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean"}.get(form, "token-mean")
+    ours_opts = {"gspo": dict(ratio_level="sequence", clip_low=0.2, clip_high=0.28),
+                 "sapo": dict(policy_loss="sapo"), "cispo": dict(policy_loss="cispo", clip_high=1.28),
+                 "vanilla": dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0)}[form]
+    isw = None
+    if corr:
+        level, thr, opts = {"tis-token": ("token", 1.2, dict(rollout_correction="token_truncate", rollout_is_max=1.2)),
+                            "icepop": ("token", "0.8_1.25", dict(rollout_correction="icepop", rollout_is_min=0.8,
+                                                                 rollout_is_max=1.25)),
+                            "tis-seq": ("sequence", 1.5, dict(rollout_correction="sequence_truncate",
+                                                               rollout_is_max=1.5))}[corr]
+        isw = _verl_rollout_is_weights(old - rollout, mask, level, thr)
+        ours_opts = dict(ours_opts, rollout_logprobs=rollout, **opts)
+    if form == "cispo":
+        lp0 = fastrlhf.token_logprobs(x, labels, backend="torch")
+        assert (torch.exp(lp0 - old)[mask.bool()] > 0.8).all()  # no ratio at verl's floor
+    xa = x.clone().requires_grad_(True)
+    lp = fastrlhf.token_logprobs(xa, labels, backend=backend)
+    got, _ = fn(old, lp, A, mask, agg, cfg, isw)
+    (g_got,) = torch.autograd.grad(got, xa)
+    xb = x.clone().requires_grad_(True)
+    want, _ = fastrlhf.ppo_clip_loss(xb, labels, old, adv, mask=mask, loss_agg=agg, backend=backend, **ours_opts)
+    (g_want,) = torch.autograd.grad(want, xb)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(g_got, g_want, atol=1e-6, rtol=1e-5)
+
+
+def test_forms_errors_and_masked_nan():
+    t = torch.zeros(2, 3)
+    m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    for fn, _, _ in FORMS.values():
+        with pytest.raises(ValueError, match="config"):
+            fn(t, t, t, m)
+        with pytest.raises(ValueError, match="rollout_is_weights"):
+            fn(t, t, t, m, config=_config(), rollout_is_weights=-torch.ones(2, 3))
+        nan = t.masked_fill(m == 0, float("nan"))  # padding never reaches the loss
+        loss, _ = fn(nan, nan, nan, m, config=_config())
+        assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="tau_pos"):
+        V.compute_policy_loss_sapo(t, t, t, m, config=_config(tau_pos=0.0))
+
+
+# ----------------------------------------------------------------------------------------
 # patch() on stand-in trees of verl's layout
 # ----------------------------------------------------------------------------------------
 
@@ -352,6 +583,21 @@ def kl_penalty(logprob, ref_logprob, kl_penalty):
 def compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
                                 config=None, rollout_is_weights=None) -> {ret}:
     raise AssertionError("the stand-in's own loss must not run once patched")
+
+@register_policy_loss("gspo")
+def compute_policy_loss_gspo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="seq-mean-token-mean",
+                             config=None, rollout_is_weights=None) -> {ret}:
+    raise AssertionError("the stand-in's own loss must not run once patched")
+
+@register_policy_loss("sapo")
+def compute_policy_loss_sapo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="seq-mean-token-mean",
+                             config=None, rollout_is_weights=None) -> {ret}:
+    raise AssertionError("the stand-in's own loss must not run once patched")
+
+@register_policy_loss("cispo")
+def compute_policy_loss_cispo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                              config=None, rollout_is_weights=None) -> {ret}:
+    raise AssertionError("the stand-in's own loss must not run once patched")
 '''
 
 _CORE_OLD = '''
@@ -393,10 +639,11 @@ def test_patch_standin_new_api(standin):
     ca = importlib.import_module(f"{pkg}.trainer.ppo.core_algos")
     actor = importlib.import_module(f"{pkg}.workers.actor")
     originals = (tf.logprobs_from_logits, ca.agg_loss, ca.POLICY_LOSS_REGISTRY["vanilla"], actor.kl_penalty)
+    registry = dict(ca.POLICY_LOSS_REGISTRY)
 
     with V.patch(module=pkg) as h:
         assert h.version == "0.9.1-standin" and h.skipped == {}
-        assert len(h.patched) == 6
+        assert len(h.patched) == 9
         assert actor.logprobs_from_logits.__wrapped__ is V.logprobs_from_logits
         assert actor.entropy_fn().__wrapped__ is V.entropy_from_logits
         assert actor.kl_penalty.__wrapped__ is V.kl_penalty and actor.agg_loss.__wrapped__ is V.agg_loss
@@ -406,8 +653,17 @@ def test_patch_standin_new_api(standin):
         t = torch.randn(2, 5)
         loss, metrics = loss_fn(t, t + 0.1, t, torch.ones(2, 5), "token-mean", _config())
         assert isinstance(metrics, dict) and loss.shape == ()
+        mask, lp, old, adv, isw = _form_batch(14, torch.float32, per_token_adv=True)
+        for name, (ours, _, theirs) in FORMS.items():  # verl's registry now gives fastrlhf's GSPO / SAPO / CISPO
+            fn = actor.get_policy_loss_fn(name)
+            assert fn.__wrapped__ is ours and f"{pkg}.trainer.ppo.core_algos.POLICY_LOSS_REGISTRY[{name!r}]" in h.sites
+            got, m_got = fn(old, lp, adv, mask, "token-mean", _config(), isw)
+            want, m_want = theirs(old, lp, adv, mask, "token-mean", _config(), isw)
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+            assert m_got.keys() == m_want.keys()
     assert (tf.logprobs_from_logits, ca.agg_loss, ca.POLICY_LOSS_REGISTRY["vanilla"], actor.kl_penalty) == originals
     assert actor.logprobs_from_logits is originals[0]
+    assert ca.POLICY_LOSS_REGISTRY == registry and ca.compute_policy_loss_gspo is registry["gspo"]
 
 
 def test_patch_standin_old_api_skips_with_warnings(standin):
@@ -417,12 +673,14 @@ def test_patch_standin_old_api_skips_with_warnings(standin):
     with pytest.warns(IntegrationWarning) as rec:
         h = V.patch(module=pkg)
     try:
+        new_forms = {f"{pkg}.trainer.ppo.core_algos.compute_policy_loss_{n}" for n in ("gspo", "sapo", "cispo")}
         assert set(h.skipped) == {f"{pkg}.utils.torch_functional.entropy_from_logits_with_chunking",
                                   f"{pkg}.trainer.ppo.core_algos.agg_loss",
-                                  f"{pkg}.trainer.ppo.core_algos.compute_policy_loss_vanilla"}
+                                  f"{pkg}.trainer.ppo.core_algos.compute_policy_loss_vanilla"} | new_forms
         assert "does not have it" in h.skipped[f"{pkg}.utils.torch_functional.entropy_from_logits_with_chunking"]
+        assert all("does not have it" in h.skipped[k] for k in new_forms)
         assert "predates" in h.skipped[f"{pkg}.trainer.ppo.core_algos.compute_policy_loss_vanilla"]
-        assert len(rec) == 3
+        assert len(rec) == 6
         assert ca.kl_penalty.__wrapped__ is V.kl_penalty  # what the old version has is still patched
         assert ca.POLICY_LOSS_REGISTRY["vanilla"] is ca.compute_policy_loss_vanilla
     finally:
@@ -440,7 +698,10 @@ def test_patch_standin_tuple_return_gets_tuple_variant(standin):
     with pytest.warns(IntegrationWarning, match="entropy_from_logits_with_chunking"):
         h = V.patch(module=pkg)
     with h:
-        assert ca.POLICY_LOSS_REGISTRY["vanilla"].__wrapped__ is V.compute_policy_loss_vanilla_tuple
+        for name in ("vanilla", "gspo", "sapo", "cispo"):
+            assert ca.POLICY_LOSS_REGISTRY[name].__wrapped__ is getattr(V, f"compute_policy_loss_{name}_tuple")
+        t = torch.randn(2, 5)
+        assert len(ca.POLICY_LOSS_REGISTRY["gspo"](t, t + 0.1, t, torch.ones(2, 5), "token-mean", _config())) == 4
 
 
 def test_patch_without_verl_raises_import_error():
