@@ -4,8 +4,10 @@ OpenRLHF imports deepspeed and flash-attn at module level, so CI does not instal
 ``_orl_*`` functions below are OpenRLHF's formulas transcribed from OpenRLHF 0.11.2
 (``pip download openrlhf==0.11.2``; OpenRLHF/OpenRLHF on GitHub): ``openrlhf/models/utils.py``
 (``compute_approx_kl``, ``masked_mean``) and ``openrlhf/models/loss.py`` (``aggregate_loss``,
-``PolicyLoss.forward``, ``DPOLoss.forward``). Token ops are checked against the fp64 oracle
-(fastrlhf.reference). Where OpenRLHF itself imports, the last test runs against it.
+``PolicyLoss.forward``, ``DPOLoss.forward``), and v0.11.0's ``PolicyLoss`` (OpenRLHF @ 3c3be623,
+``openrlhf/models/loss.py`` lines 116-230: tis / icepop / seq-mask-tis, gspo with IS). Token ops are
+checked against the fp64 oracle (fastrlhf.reference). Where OpenRLHF itself imports, the last test
+runs against it.
 """
 
 import importlib
@@ -14,8 +16,9 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as TF
-from conftest import assert_grad_close
+from conftest import assert_grad_close, backends
 
+import fastrlhf
 import fastrlhf.integrations.openrlhf as O
 from fastrlhf import reference as R
 from fastrlhf.integrations import IntegrationWarning
@@ -119,6 +122,55 @@ def _orl_policy_loss(cfg, log_probs, old_log_probs, advantages, action_mask=None
     clip_ratio = _orl_masked_mean(torch.lt(surr2, surr1).float(), action_mask)
     ppo_kl = _orl_masked_mean(-raw_policy_log_ratio.detach(), action_mask)
     return loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio
+
+
+def _orl0110_policy_loss(cfg, log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None,
+                         dp_size=1, batch_num_tokens=None, global_batch_size=None):
+    """OpenRLHF @ 3c3be623 openrlhf/models/loss.py PolicyLoss (v0.11.0 API): __init__ lines 121-153 (defaults
+    filled in), forward lines 155-230; aggregate_loss (lines 11-38) is the 0.11.2 one transcribed above."""
+    c = dict(clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None, token_level_loss=True, policy_loss_type="ppo",
+             enable_vllm_is_correction=False, vllm_is_truncated_threshold=None, vllm_is_correction_type="tis")
+    c.update(cfg)
+    token_level_loss = False if c["policy_loss_type"] == "gspo" else c["token_level_loss"]
+    raw_policy_log_ratio = log_probs - old_log_probs
+    if c["policy_loss_type"] == "ppo":
+        ratio = raw_policy_log_ratio.clamp(min=-20.0, max=20.0).exp()
+    else:
+        log_ratio = log_probs - rollout_log_probs if c["enable_vllm_is_correction"] else raw_policy_log_ratio
+        ratio = (log_ratio * action_mask).sum(dim=-1) / action_mask.sum(dim=-1).clamp(min=1)
+        ratio = ratio.exp().unsqueeze(-1) * action_mask
+    surr1 = ratio * advantages
+    surr2 = ratio.clamp(1 - c["clip_eps_low"], 1 + c["clip_eps_high"]) * advantages
+    if c["dual_clip"] is None:
+        loss = -torch.min(surr1, surr2)
+    else:
+        clip1 = torch.min(surr1, surr2)
+        clip2 = torch.max(clip1, c["dual_clip"] * advantages)
+        loss = -torch.where(advantages < 0, clip2, clip1)
+    vllm_kl = None
+    if c["enable_vllm_is_correction"] and c["policy_loss_type"] == "ppo":
+        low_threshold, high_threshold = c["vllm_is_truncated_threshold"]
+        rollout_log_ratio = old_log_probs - rollout_log_probs
+        if c["vllm_is_correction_type"] == "icepop":
+            vllm_is = torch.exp(rollout_log_ratio).detach()
+            mask = (vllm_is >= low_threshold) & (vllm_is <= high_threshold)
+            vllm_is = vllm_is * mask
+            loss = vllm_is * loss
+        elif c["vllm_is_correction_type"] == "seq-mask-tis":
+            seq_log_ratio = _orl_masked_mean(rollout_log_ratio, action_mask, dim=-1)
+            seq_is = torch.exp(seq_log_ratio)
+            seq_mask = (seq_is >= low_threshold) & (seq_is <= high_threshold)
+            vllm_is = torch.exp(rollout_log_ratio).detach()
+            loss = seq_mask.unsqueeze(-1) * vllm_is * loss
+        else:
+            vllm_is = torch.exp(rollout_log_ratio).clamp(min=low_threshold, max=high_threshold).detach()
+            loss = vllm_is * loss
+        vllm_kl = _orl_masked_mean(rollout_log_probs - old_log_probs, action_mask, dim=None)
+    loss = _orl_aggregate_loss(loss, action_mask, token_level_loss=token_level_loss, dp_size=dp_size,
+                               batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
+    clip_ratio = _orl_masked_mean(torch.lt(surr2, surr1).float(), action_mask, dim=None)
+    ppo_kl = _orl_masked_mean(-raw_policy_log_ratio.detach(), action_mask, dim=None)
+    return loss, clip_ratio, ppo_kl, vllm_kl
 
 
 def _orl_dpo_loss(beta, label_smoothing, ipo, pc, pr, rc, rr):
@@ -246,6 +298,106 @@ def test_policy_loss_constructor_errors():
         O.PolicyLoss(is_correction_level="token")(t, t, t, action_mask=torch.ones(2, 3))
 
 
+VLLM_IS_CFGS = [
+    dict(),
+    dict(enable_vllm_is_correction=True, vllm_is_truncated_threshold=(0.5, 1.2)),
+    dict(enable_vllm_is_correction=True, vllm_is_truncated_threshold=(0.8, 1.25), vllm_is_correction_type="icepop"),
+    dict(enable_vllm_is_correction=True, vllm_is_truncated_threshold=(0.97, 1.03),
+         vllm_is_correction_type="seq-mask-tis"),
+    dict(enable_vllm_is_correction=True, vllm_is_truncated_threshold=(0.5, 1.5), dual_clip=3.0, clip_eps_high=0.28),
+    dict(enable_vllm_is_correction=True, vllm_is_truncated_threshold=(0.8, 1.25), vllm_is_correction_type="icepop",
+         token_level_loss=False),
+    dict(policy_loss_type="gspo"),
+    dict(policy_loss_type="gspo", enable_vllm_is_correction=True, vllm_is_truncated_threshold=(0.5, 5.0)),
+]
+
+
+@pytest.mark.parametrize("cfg", VLLM_IS_CFGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "ppo")
+@pytest.mark.parametrize("batch", [{}, dict(dp_size=2, batch_num_tokens=40.0, global_batch_size=9.0)],
+                         ids=["local", "global"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vllm_is_policy_loss_matches_openrlhf_3c3be623(cfg, batch, dtype):
+    """All four outputs and the log_probs gradient vs OpenRLHF @ 3c3be623 (transcribed)."""
+    g = torch.Generator().manual_seed(7)
+    B, T = 5, 8
+    mask = (torch.rand(B, T, generator=g) > 0.3).to(dtype)
+    mask[0] = 0
+    lp = (torch.randn(B, T, generator=g, dtype=torch.float64) * 0.5 - 1).to(dtype).requires_grad_(True)
+    old = lp.detach() + (torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3).to(dtype)
+    adv = torch.randn(B, T, generator=g, dtype=torch.float64).to(dtype)
+    rollout = old + (torch.randn(B, T, generator=g, dtype=torch.float64) * 0.15).to(dtype)
+    ours = O.VllmISPolicyLoss(**cfg)(lp, old, adv, action_mask=mask, rollout_log_probs=rollout, **batch)
+    theirs = _orl0110_policy_loss(cfg, lp, old, adv, action_mask=mask, rollout_log_probs=rollout, **batch)
+    assert len(ours) == 4
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=1e-13, rtol=1e-12)
+    for o, t in zip(ours, theirs):
+        if t is None:
+            assert o is None
+        else:
+            torch.testing.assert_close(o, t.to(o.dtype), **tol)
+    torch.testing.assert_close(torch.autograd.grad(ours[0], lp)[0], torch.autograd.grad(theirs[0], lp)[0], **tol)
+    if cfg.get("vllm_is_correction_type") == "seq-mask-tis":  # the gate is live in this batch: some rows kept,
+        w = torch.exp(((old - rollout) * mask).sum(-1) / mask.sum(-1).clamp(min=1))  # some dropped
+        kept = (w >= 0.97) & (w <= 1.03)
+        assert kept[1:].any() and (~kept[1:]).any()
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("case", ["tis", "icepop", "gspo-is"])
+def test_vllm_is_policy_loss_equals_fastrlhf_ops(backend, case):
+    """tis = rollout_correction="token_truncate", icepop = "icepop", gspo with IS = ratio_level="sequence"
+    against rollout_log_probs: the drop-in on fastrlhf's logprobs equals fastrlhf's fused op on every
+    backend (value and logits gradient, fp32)."""
+    g = torch.Generator().manual_seed(8)
+    B, T, Vocab = 4, 7, 97
+    x = torch.randn(B, T, Vocab, generator=g) * 2
+    labels = torch.randint(0, Vocab, (B, T), generator=g)
+    mask = torch.ones(B, T)
+    mask[1, 5:] = 0
+    mask[3, 2:] = 0
+    lp0 = fastrlhf.token_logprobs(x, labels, backend="torch")
+    old = lp0 + 0.2 * torch.randn(B, T, generator=g)
+    rollout = old + 0.3 * torch.randn(B, T, generator=g)
+    adv = torch.randn(B, generator=g)
+    cfg, opts, denom = {
+        "tis": (dict(vllm_is_correction_type="tis", vllm_is_truncated_threshold=(0.7, 1.3)),
+                dict(rollout_correction="token_truncate", rollout_is_min=0.7, rollout_is_max=1.3,
+                     rollout_logprobs=rollout), old),
+        "icepop": (dict(vllm_is_correction_type="icepop", vllm_is_truncated_threshold=(0.7, 1.3)),
+                   dict(rollout_correction="icepop", rollout_is_min=0.7, rollout_is_max=1.3, rollout_logprobs=rollout),
+                   old),
+        "gspo-is": (dict(policy_loss_type="gspo", vllm_is_truncated_threshold=(0.5, 5.0)),
+                    dict(ratio_level="sequence", loss_agg="seq-mean-token-mean"), rollout),
+    }[case]
+    xa = x.clone().requires_grad_(True)
+    lp = fastrlhf.token_logprobs(xa, labels, backend=backend)
+    got = O.VllmISPolicyLoss(enable_vllm_is_correction=True, **cfg)(lp, old, adv.unsqueeze(-1).expand(B, T), mask,
+                                                                     rollout)[0]
+    (g_got,) = torch.autograd.grad(got, xa)
+    xb = x.clone().requires_grad_(True)
+    want, _ = fastrlhf.ppo_clip_loss(xb, labels, denom, adv, mask=mask, backend=backend, **opts)
+    (g_want,) = torch.autograd.grad(want, xb)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(g_got, g_want, atol=1e-6, rtol=1e-5)
+
+
+def test_vllm_is_policy_loss_errors_and_icepop_overflow():
+    with pytest.raises(ValueError, match="vllm_is_correction_type"):
+        O.VllmISPolicyLoss(vllm_is_correction_type="mis")
+    with pytest.raises(ValueError, match="dual_clip"):
+        O.VllmISPolicyLoss(dual_clip=0.5)
+    t, m = torch.zeros(2, 3), torch.ones(2, 3)
+    with pytest.raises(ValueError, match="vllm_is_truncated_threshold"):
+        O.VllmISPolicyLoss(enable_vllm_is_correction=True)(t, t, t, m, t)
+    with pytest.raises(ValueError, match="rollout_log_probs"):
+        O.VllmISPolicyLoss(enable_vllm_is_correction=True, vllm_is_truncated_threshold=(0.5, 2.0))(t, t, t, m)
+    rollout = t.clone()
+    rollout[0, 0] = -1000.0  # w = e^1000 = inf: IcePop drops the token (OpenRLHF's inf * 0 gives NaN)
+    out = O.VllmISPolicyLoss(enable_vllm_is_correction=True, vllm_is_truncated_threshold=(0.5, 2.0),
+                             vllm_is_correction_type="icepop")(t, t, torch.ones(2, 3), m, rollout)
+    assert torch.isfinite(out[0]) and out[0].item() == pytest.approx(-5 / 6)
+
+
 @pytest.mark.parametrize("ipo", [False, True])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_dpo_loss(ipo, label_smoothing):
@@ -306,6 +458,8 @@ _NEW_INIT = ("clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None, token_level_l
              "is_correction_level='off', is_correction_mode='mask', is_correction_gating='ratio', "
              "is_correction_threshold=(0.5, 5.0)")
 _OLD_INIT = "clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None, token_level_loss=True, policy_loss_type='ppo'"
+_V0110_INIT = ("clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None, token_level_loss=True, policy_loss_type='ppo', "
+               "enable_vllm_is_correction=False, vllm_is_truncated_threshold=None, vllm_is_correction_type='tis'")
 
 _ACTOR = '''
 from {pkg}.models.utils import compute_entropy, log_probs_from_logits, compute_approx_kl
@@ -341,6 +495,28 @@ def test_patch_standin_current_api(standin):
         assert actor.compute_entropy.__wrapped__ is O.compute_entropy
         assert actor.compute_approx_kl.__wrapped__ is O.compute_approx_kl
     assert (actor.PolicyLoss, actor.DPOLoss, actor.log_probs_from_logits, models.log_probs_from_logits) == originals
+
+
+def test_patch_standin_v0110_api_gets_vllm_is_class(standin):
+    """OpenRLHF @ 3c3be623 (v0.11.0): PolicyLoss(enable_vllm_is_correction, ...) -> VllmISPolicyLoss."""
+    pkg = "standin_openrlhf_v0110"
+    standin(pkg, _tree(pkg, _KL_NEW, _V0110_INIT))
+    actor = importlib.import_module(f"{pkg}.trainer.ppo_actor")
+    original = actor.PolicyLoss
+    with O.patch(module=pkg) as h:
+        assert h.skipped == {} and len(h.patched) == 5
+        assert issubclass(actor.PolicyLoss, O.VllmISPolicyLoss) and not issubclass(actor.PolicyLoss, O.PolicyLoss)
+        g = torch.Generator().manual_seed(9)
+        lp, old, adv = (torch.randn(3, 6, generator=g) for _ in range(3))
+        rollout, mask = old + 0.2 * torch.randn(3, 6, generator=g), torch.ones(3, 6)
+        cfg = dict(enable_vllm_is_correction=True, vllm_is_truncated_threshold=(0.8, 1.2),
+                   vllm_is_correction_type="seq-mask-tis")
+        out = actor.PolicyLoss(**cfg)(lp, old, adv, mask, rollout)
+        want = _orl0110_policy_loss(cfg, lp, old, adv, mask, rollout)
+        assert len(out) == 4
+        for o, t in zip(out, want):
+            torch.testing.assert_close(o, t, atol=1e-6, rtol=1e-6)
+    assert actor.PolicyLoss is original
 
 
 def test_patch_standin_older_api_skips_with_warnings(standin):

@@ -20,6 +20,10 @@ Sources read (OpenRLHF 0.11.2, ``pip download openrlhf==0.11.2``; OpenRLHF/OpenR
   vllm_kl, is_filter_ratio)``): PPO-clip from ``fastrlhf.token_math.policy_loss_from_logprobs``
   (ratio clamp +-20, asymmetric clip, dual clip), ``token_level_loss`` aggregation, GSPO and the
   train/rollout importance-sampling correction (token/seq level, mask/clip, ratio/binary_kl/tv).
+- ``VllmISPolicyLoss``: the same for OpenRLHF v0.11.0's ``PolicyLoss`` API (OpenRLHF @ 3c3be623:
+  ``enable_vllm_is_correction``, ``vllm_is_truncated_threshold``, ``vllm_is_correction_type`` tis /
+  icepop / seq-mask-tis; returns ``(loss, clip_ratio, ppo_kl, vllm_kl)``). ``patch()`` picks the class
+  whose constructor and ``forward`` match the installed ``PolicyLoss``.
 - ``DPOLoss(beta, label_smoothing=0.0, ipo=False)`` -> ``(loss, chosen_rewards, rejected_rewards)``:
   ``fastrlhf.dpo.pair_loss`` (sigmoid / cDPO label smoothing / IPO).
 
@@ -55,6 +59,7 @@ __all__ = [
     "compute_entropy",
     "compute_approx_kl",
     "PolicyLoss",
+    "VllmISPolicyLoss",
     "DPOLoss",
     "patch",
 ]
@@ -225,55 +230,161 @@ class PolicyLoss(nn.Module):
         batch_num_tokens: Optional[float] = None,
         global_batch_size: Optional[float] = None,
     ):
-        for name, t in (("log_probs", log_probs), ("old_log_probs", old_log_probs), ("advantages", advantages)):
-            ensure_tensor(t, name)
-        raw_log_ratio = log_probs - old_log_probs
-        mask = torch.ones_like(log_probs) if action_mask is None else action_mask
-        m = as_batch_time(mask).to(log_probs.dtype)  # [B, T]
-        lp = as_batch_time(log_probs)
-        old = as_batch_time(old_log_probs)
-        A = as_batch_time(advantages).to(lp.dtype)
         correcting = self.is_correction_level != "off"
-
-        if self.policy_loss_type == "gspo":
-            log_ratio = lp - as_batch_time(rollout_log_probs) if correcting else lp - old
-            seq = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)  # [B, 1]
-            # One ratio per sequence, fed through the same PPO math as (logp, old) = (seq, 0).
-            lp_in, old_in = seq.expand_as(lp), torch.zeros_like(lp)
-        else:
-            lp_in, old_in = lp, old
-
-        scale = torch.ones_like(A)
-        vllm_kl = filter_ratio = None
+        coef = vllm_kl = filter_ratio = None
         if correcting and self.policy_loss_type == "ppo":
-            coef, vllm_kl, filter_ratio = self._is_correction(
-                old_log_probs, rollout_log_probs, action_mask
-            )
-            scale = as_batch_time(coef.expand_as(log_probs)).to(lp.dtype)
-
-        # Aggregation weights per token (OpenRLHF's aggregate_loss) folded into the advantages,
-        # then summed: sum_t pg(A_t) * s_t = sum_t pg(s_t * A_t) for s_t >= 0.
-        if self.token_level_loss:
-            denom = m.sum() if batch_num_tokens is None else batch_num_tokens / dp_size
-            s = m / denom
-        else:
-            counts = m.sum(-1, keepdim=True)  # [B, 1]
-            n_seq = (counts > 0).float().sum() if global_batch_size is None else global_batch_size / dp_size
-            s = m / (counts + 1e-8) * (counts > 0).to(m.dtype) / n_seq
-        loss, _ = policy_loss_from_logprobs(
-            lp_in.reshape(1, -1), m.bool().reshape(1, -1), old_in.reshape(1, -1),
-            (A * scale * s).reshape(1, -1), clip_low=self.clip_eps_low, clip_high=self.clip_eps_high,
-            dual_clip=self.dual_clip, loss_agg="seq-mean-token-sum",
-        )
-        with torch.no_grad():
-            ratio = torch.exp(torch.clamp(lp_in - old_in, -20.0, 20.0))
-            if self.policy_loss_type == "gspo":
-                ratio = ratio * m
-            surr1 = ratio * A
-            surr2 = ratio.clamp(1 - self.clip_eps_low, 1 + self.clip_eps_high) * A
-            clip_ratio = _masked_mean(torch.lt(surr2, surr1).float(), None if action_mask is None else m)
-            ppo_kl = _masked_mean(-raw_log_ratio.detach(), action_mask)
+            coef, vllm_kl, filter_ratio = self._is_correction(old_log_probs, rollout_log_probs, action_mask)
+        loss, clip_ratio, ppo_kl = _clip_loss(self, log_probs, old_log_probs, advantages, action_mask,
+                                              rollout_log_probs if correcting else None, coef, dp_size,
+                                              batch_num_tokens, global_batch_size)
         return loss, clip_ratio, ppo_kl, vllm_kl, filter_ratio
+
+
+def _clip_loss(cfg, log_probs, old_log_probs, advantages, action_mask, gspo_rollout, coef, dp_size, batch_num_tokens,
+               global_batch_size):
+    """OpenRLHF's PPO / GSPO loss (``aggregate_loss`` included), ``clip_ratio`` and ``ppo_kl``; ``cfg`` has
+    the clip options. ``gspo_rollout``: GSPO's ratio is taken against it (IS enabled); ``coef``: the
+    detached IS weight per token (or per sequence, ``[B, 1]``) of PPO, None for none."""
+    for name, t in (("log_probs", log_probs), ("old_log_probs", old_log_probs), ("advantages", advantages)):
+        ensure_tensor(t, name)
+    raw_log_ratio = log_probs - old_log_probs
+    mask = torch.ones_like(log_probs) if action_mask is None else action_mask
+    m = as_batch_time(mask).to(log_probs.dtype)  # [B, T]
+    lp = as_batch_time(log_probs)
+    old = as_batch_time(old_log_probs)
+    A = as_batch_time(advantages).to(lp.dtype)
+    gspo = cfg.policy_loss_type == "gspo"
+    if gspo:
+        log_ratio = lp - as_batch_time(gspo_rollout) if gspo_rollout is not None else lp - old
+        seq = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)  # [B, 1]
+        # One ratio per sequence, fed through the same PPO math as (logp, old) = (seq, 0).
+        lp_in, old_in = seq.expand_as(lp), torch.zeros_like(lp)
+    else:
+        lp_in, old_in = lp, old
+    scale = torch.ones_like(A) if coef is None else as_batch_time(coef.expand_as(log_probs)).to(lp.dtype)
+
+    # Aggregation weights per token (OpenRLHF's aggregate_loss) folded into the advantages,
+    # then summed: sum_t pg(A_t) * s_t = sum_t pg(s_t * A_t) for s_t >= 0.
+    if cfg.token_level_loss:
+        denom = m.sum() if batch_num_tokens is None else batch_num_tokens / dp_size
+        s = m / denom
+    else:
+        counts = m.sum(-1, keepdim=True)  # [B, 1]
+        n_seq = (counts > 0).float().sum() if global_batch_size is None else global_batch_size / dp_size
+        s = m / (counts + 1e-8) * (counts > 0).to(m.dtype) / n_seq
+    loss, _ = policy_loss_from_logprobs(
+        lp_in.reshape(1, -1), m.bool().reshape(1, -1), old_in.reshape(1, -1),
+        (A * scale * s).reshape(1, -1), clip_low=cfg.clip_eps_low, clip_high=cfg.clip_eps_high,
+        dual_clip=cfg.dual_clip, loss_agg="seq-mean-token-sum",
+    )
+    with torch.no_grad():
+        ratio = torch.exp(torch.clamp(lp_in - old_in, -20.0, 20.0))
+        if gspo:
+            ratio = ratio * m
+        surr1 = ratio * A
+        surr2 = ratio.clamp(1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * A
+        clip_ratio = _masked_mean(torch.lt(surr2, surr1).float(), None if action_mask is None else m)
+        ppo_kl = _masked_mean(-raw_log_ratio.detach(), action_mask)
+    return loss, clip_ratio, ppo_kl
+
+
+VLLM_IS_CORRECTION_TYPES = ("tis", "icepop", "seq-mask-tis")
+
+
+class VllmISPolicyLoss(nn.Module):
+    """OpenRLHF v0.11.0's ``PolicyLoss`` (OpenRLHF @ 3c3be623, ``openrlhf/models/loss.py`` lines 116-230):
+    PPO-clip / GSPO with the vLLM importance-sampling correction of that API.
+
+    Constructor ``(clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None, token_level_loss=True,
+    policy_loss_type="ppo", enable_vllm_is_correction=False, vllm_is_truncated_threshold=None,
+    vllm_is_correction_type="tis")``; ``forward`` as :class:`PolicyLoss`, returning ``(loss, clip_ratio,
+    ppo_kl, vllm_kl)`` (``vllm_kl`` None unless PPO with the correction). With ``(low, high) =
+    vllm_is_truncated_threshold`` and ``w = exp(old_log_probs - rollout_log_probs)`` per token, the
+    detached weight on PPO's per-token loss is (fastrlhf's rollout correction in brackets):
+
+    - ``tis``: ``clamp(w, low, high)`` (``rollout_correction="token_truncate"``, ``rollout_is_min=low``,
+      ``rollout_is_max=high``; fastrlhf clamps ``log w`` to +-20 first, which only matters for a bound
+      beyond ``e^20``);
+    - ``icepop``: ``w`` where ``low <= w <= high``, else 0 (``"icepop"``); 0, not NaN, where ``w``
+      overflows (OpenRLHF's ``w * mask`` gives ``inf * 0 = NaN`` there);
+    - ``seq-mask-tis``: ``w`` (not clamped) where the sequence's geometric mean
+      ``exp(masked_mean(log w))`` lies in ``[low, high]``, else 0 (no single fastrlhf mode: the drop-in
+      applies the exact per-token weight).
+
+    ``policy_loss_type="gspo"`` with the correction enabled takes the sequence ratio against
+    ``rollout_log_probs`` instead of ``old_log_probs`` (fastrlhf ``ratio_level="sequence"`` with
+    ``old_logprobs=rollout_log_probs``), no weight; GSPO forces the per-sequence loss.
+    """
+
+    def __init__(
+        self,
+        clip_eps_low: float = 0.2,
+        clip_eps_high: float = 0.2,
+        dual_clip: float = None,
+        token_level_loss: bool = True,
+        policy_loss_type: str = "ppo",
+        enable_vllm_is_correction: bool = False,
+        vllm_is_truncated_threshold: list = None,
+        vllm_is_correction_type: str = "tis",
+    ) -> None:
+        super().__init__()
+        if policy_loss_type not in ("ppo", "gspo"):
+            raise ValueError(f"policy_loss_type must be 'ppo' or 'gspo', got {policy_loss_type!r}")
+        if dual_clip is not None and not dual_clip > 1.0:
+            raise ValueError(f"dual_clip must be > 1.0, got {dual_clip}")
+        if vllm_is_correction_type not in VLLM_IS_CORRECTION_TYPES:
+            raise ValueError(f"vllm_is_correction_type must be one of {VLLM_IS_CORRECTION_TYPES}, "
+                             f"got {vllm_is_correction_type!r}")
+        self.clip_eps_low = clip_eps_low
+        self.clip_eps_high = clip_eps_high
+        self.dual_clip = dual_clip
+        self.token_level_loss = False if policy_loss_type == "gspo" else token_level_loss
+        self.policy_loss_type = policy_loss_type
+        self.enable_vllm_is_correction = enable_vllm_is_correction
+        self.vllm_is_truncated_threshold = vllm_is_truncated_threshold
+        self.vllm_is_correction_type = vllm_is_correction_type
+
+    def _vllm_is(self, old_log_probs, rollout_log_probs, action_mask):
+        """The detached IS weight per token (loss.py lines 197-217) and ``vllm_kl`` (line 218)."""
+        if rollout_log_probs is None:
+            raise ValueError("rollout_log_probs is required when enable_vllm_is_correction=True")
+        if self.vllm_is_truncated_threshold is None:
+            raise ValueError("vllm_is_truncated_threshold (low, high) is required when enable_vllm_is_correction=True")
+        low, high = self.vllm_is_truncated_threshold
+        log_w = (old_log_probs - rollout_log_probs).detach()
+        w = log_w.exp()
+        zero = torch.zeros((), dtype=w.dtype, device=w.device)
+        if self.vllm_is_correction_type == "icepop":
+            coef = torch.where((w >= low) & (w <= high), w, zero)
+        elif self.vllm_is_correction_type == "seq-mask-tis":
+            seq_w = _masked_mean(log_w, action_mask, dim=-1).exp().unsqueeze(-1)  # [B, 1] geometric mean
+            coef = torch.where((seq_w >= low) & (seq_w <= high), w, zero)
+        else:
+            coef = w.clamp(min=low, max=high)
+        vllm_kl = _masked_mean(rollout_log_probs - old_log_probs, action_mask, dim=None)
+        return coef, vllm_kl
+
+    def forward(
+        self,
+        log_probs: torch.Tensor,
+        old_log_probs: torch.Tensor,
+        advantages: torch.Tensor,
+        action_mask: Optional[torch.Tensor] = None,
+        rollout_log_probs: Optional[torch.Tensor] = None,
+        dp_size: int = 1,
+        batch_num_tokens: Optional[float] = None,
+        global_batch_size: Optional[float] = None,
+    ):
+        correcting = bool(self.enable_vllm_is_correction)
+        coef = vllm_kl = None
+        if correcting and self.policy_loss_type == "ppo":
+            coef, vllm_kl = self._vllm_is(old_log_probs, rollout_log_probs, action_mask)
+        if correcting and self.policy_loss_type == "gspo" and rollout_log_probs is None:
+            raise ValueError("rollout_log_probs is required for gspo when enable_vllm_is_correction=True")
+        loss, clip_ratio, ppo_kl = _clip_loss(self, log_probs, old_log_probs, advantages, action_mask,
+                                              rollout_log_probs if correcting else None, coef, dp_size,
+                                              batch_num_tokens, global_batch_size)
+        return loss, clip_ratio, ppo_kl, vllm_kl
 
 
 class DPOLoss(nn.Module):
@@ -338,7 +449,7 @@ def patch(module: Union[str, types.ModuleType, None] = None) -> PatchHandle:
         Target(mu, "compute_entropy", replace_with(compute_entropy), check_params(["logits"])),
         Target(mu, "compute_approx_kl", replace_with(compute_approx_kl),
                check_params(["log_probs", "log_probs_base", "log_probs_old", "kl_estimator", "unbiased_gradient"])),
-        Target(ml, "PolicyLoss", replace_with_class(PolicyLoss), _check_module_class(PolicyLoss)),
+        Target(ml, "PolicyLoss", _make_policy_loss, _check_policy_loss),
         Target(ml, "DPOLoss", replace_with_class(DPOLoss), _check_module_class(DPOLoss)),
     ]
     return apply_patch("openrlhf" if module is None else module, targets, label="OpenRLHF",
@@ -357,3 +468,18 @@ def _check_module_class(ours: type):
 
     return check
 
+
+# The PolicyLoss APIs implemented: 0.11.2's (is_correction_*) and v0.11.0's (enable_vllm_is_correction, ...).
+POLICY_LOSS_CLASSES = (PolicyLoss, VllmISPolicyLoss)
+
+
+def _policy_loss_class(original) -> Optional[type]:
+    return next((c for c in POLICY_LOSS_CLASSES if _check_module_class(c)(original) is None), None)
+
+
+def _check_policy_loss(original) -> Optional[str]:
+    return None if _policy_loss_class(original) is not None else _check_module_class(PolicyLoss)(original)
+
+
+def _make_policy_loss(original):
+    return replace_with_class(_policy_loss_class(original))(original)
