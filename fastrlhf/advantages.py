@@ -459,5 +459,6 @@ def estimate_advantages(
     token_rewards = _token_rewards(rewards, mask.bool(), logprobs, ref_logprobs, kl_coef, kl_estimator,
                                    float_dtype(rewards))  # [B, T]
     if not isinstance(values, torch.Tensor) or tuple(values.shape) != tuple(token_rewards.shape):
-        raise ValueError(f"values must be [B, T] = {tuple(token_rewards.shape)}, got {getattr(values, 'shape', values)}")
+        got = getattr(values, "shape", values)
+        raise ValueError(f"values must be [B, T] = {tuple(token_rewards.shape)}, got {got}")
     return gae(token_rewards, values, mask, gamma=gamma, lam=lam)
