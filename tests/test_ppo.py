@@ -221,3 +221,60 @@ def test_agrees_with_openrlhf_policy_loss_and_approx_kl():
     torch.testing.assert_close(fastrlhf.kl_estimate(logp, ref.double(), "k1"), log_ratio)
     torch.testing.assert_close(fastrlhf.kl_estimate(logp, ref.double(), "k2"), log_ratio**2 / 2.0)
     torch.testing.assert_close(fastrlhf.kl_estimate(logp, ref.double(), "k3"), (-log_ratio).exp() - 1 + log_ratio)
+
+
+def test_grpo_with_a_scaled_upstream_moves_three_passes_and_rounds_once(monkeypatch):
+    """``(loss * 0.25).backward()`` on the Triton path: one forward launch (reads N x V), one gradient
+    launch (reads and writes N x V), and no torch op on an [N, V]-sized tensor besides allocating the
+    gradient: 3 passes, not 5 (no post-hoc ``dlogits.mul_(dloss)``). The bf16 gradient is the exact
+    one times 0.25 rounded once (within one bf16 ulp of it)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    if "triton" not in backends():
+        pytest.skip("the Triton backend is not available")
+    import fastrlhf.kernels.logprobs as K
+
+    N_, V_ = 4 * 5, 300
+    launches, nv_ops, inside = [], [], [False]
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            launches.append(name)
+            inside[0] = True  # the interpreter's own tensor traffic inside a launch is the kernel's
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                inside[0] = False
+        return wrapper
+
+    monkeypatch.setattr(K, "logprobs_forward", counted("forward", K.logprobs_forward))
+    monkeypatch.setattr(K, "logprobs_backward", counted("gradient", K.logprobs_backward))
+
+    class NVOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            big = any(isinstance(t, torch.Tensor) and t.numel() >= N_ * V_ for t in tree_leaves((args, kwargs, out)))
+            moves_data = not func.is_view and func.__name__.split(".")[0] not in ("empty", "empty_strided", "empty_like")
+            if big and not inside[0] and moves_data:
+                nv_ops.append(str(func))
+            return out
+
+    g = torch.Generator().manual_seed(3)
+    logits = (3 * torch.randn(4, 5, V_, generator=g)).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, V_, (4, 5), generator=g)
+    old = -torch.rand(4, 5, generator=g) * 5
+    ref = old + 0.3 * torch.randn(4, 5, generator=g)
+    adv = torch.randn(4, generator=g)
+    with NVOps():
+        loss, _ = fastrlhf.grpo_loss(logits, labels, old, adv, ref, beta=0.04, backend="triton")
+        (loss * 0.25).backward()
+    assert launches == ["forward", "gradient"], launches
+    assert not nv_ops, f"extra [N, V] passes: {nv_ops}"
+
+    x64 = logits.detach().double().requires_grad_()
+    loss64, _ = R.grpo_loss(x64, labels, old.double(), adv.double(), ref.double(), beta=0.04)
+    (loss64 * 0.25).backward()
+    exact = x64.grad
+    ulp = torch.finfo(torch.bfloat16).eps * exact.abs().clamp_min(torch.finfo(torch.bfloat16).tiny)
+    assert ((logits.grad.double() - exact).abs() <= ulp).all()
