@@ -255,7 +255,8 @@ def test_grpo_with_a_scaled_upstream_moves_three_passes_and_rounds_once(monkeypa
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             big = any(isinstance(t, torch.Tensor) and t.numel() >= N_ * V_ for t in tree_leaves((args, kwargs, out)))
-            moves_data = not func.is_view and func.__name__.split(".")[0] not in ("empty", "empty_strided", "empty_like")
+            allocation = func.__name__.split(".")[0] in ("empty", "empty_strided", "empty_like")
+            moves_data = not func.is_view and not allocation
             if big and not inside[0] and moves_data:
                 nv_ops.append(str(func))
             return out
