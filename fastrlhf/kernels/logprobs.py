@@ -85,6 +85,19 @@ def fast_exp2(y, USE_PTX: tl.constexpr):
 
 
 @triton.jit
+def load_f32(x, USE_PTX: tl.constexpr):
+    """Loaded logits to fp32. bf16 on the GPU: two bf16 share a 32-bit register (low half first),
+    and each becomes an fp32 in one integer op, ``shl 16`` for the low, ``and 0xffff0000`` for the
+    high half; ``.to(tl.float32)`` compiles to three ops per pair (a PRMT to move the high half
+    down, then two shifts). Exact either way: bf16 is fp32's top 16 bits."""
+    if USE_PTX and x.dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise("{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r",
+                                         [x], dtype=tl.float32, is_pure=True, pack=2)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
 def online_lse_block(x, m, m2, s, sx, s2, c, HAS_ENTROPY: tl.constexpr, HAS_SP2: tl.constexpr,
                      USE_PTX: tl.constexpr):
     """Fold a ``[THREADS, R, VEC]`` block of raw fp32 logits (-inf where masked; thread t holds
@@ -180,12 +193,18 @@ def _logprobs_fwd_kernel(
     # Full blocks without a mask; an ignored row runs none of them (the bound is 0) and loads
     # nothing in the tail, so padding costs neither bandwidth nor issue slots.
     n_full = V // BLOCK_V
-    for i in range(0, tl.where(valid, n_full, 0)):
-        x = tl.load(row_ptr + (i * BLOCK_V + cols).to(tl.int64) * stride_lv).to(tl.float32)
+    # The pointers step by one block (int64) instead of being recomputed from the trip index:
+    # an index used in int64 addressing is widened by LLVM to a 64-bit loop counter (5 ops a trip,
+    # not 2).
+    ptrs = row_ptr + cols.to(tl.int64) * stride_lv
+    step = tl.full([], BLOCK_V, tl.int64) * stride_lv
+    for _ in range(0, tl.where(valid, n_full, 0)):
+        x = load_f32(tl.load(ptrs), USE_PTX)
         m, m2, s, sx, s2 = online_lse_block(x, m, m2, s, sx, s2, c, HAS_ENTROPY, HAS_SP2, USE_PTX)
+        ptrs += step
     offs = n_full * BLOCK_V + cols
     x = tl.load(row_ptr + offs.to(tl.int64) * stride_lv, mask=offs < tl.where(valid, V, 0), other=float("-inf"))
-    m, m2, s, sx, s2 = online_lse_block(x.to(tl.float32), m, m2, s, sx, s2, c, HAS_ENTROPY, HAS_SP2, USE_PTX)
+    m, m2, s, sx, s2 = online_lse_block(load_f32(x, USE_PTX), m, m2, s, sx, s2, c, HAS_ENTROPY, HAS_SP2, USE_PTX)
     lse, ent, sp2 = finish_lse(m, m2, s, sx, s2, c, inv_temp, HAS_ENTROPY, HAS_SP2, USE_PTX)
     if HAS_LABELS:
         in_range = valid & (label >= 0) & (label < V)
