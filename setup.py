@@ -93,7 +93,7 @@ setup(
         # triton 3.6's interpreter (the CPU test path) calls int() on size-1 arrays,
         # which numpy 2.4 turned into a TypeError.
         "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy<2.4"],
-        "algos": ["transformers>=4.45", "tqdm", "matplotlib", "peft"],
+        "algos": ["transformers>=4.45", "tqdm", "matplotlib", "peft", "pyyaml"],
         # TRL is pure Python; its tests compare our drop-ins with its own functions and trainers.
         "integrations": ["trl>=1.16,<2"],
         "bench": ["pytest-benchmark", "matplotlib", "tqdm", "liger-kernel==0.8.5"],  # liger: sm90_static.py compares

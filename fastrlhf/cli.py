@@ -23,6 +23,16 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+from .cli_config import (
+    TensorboardWriter,
+    add_algo_arguments,
+    apply_config_file,
+    config_values,
+    dataset_file,
+    option,
+    resolve_pretrained,
+)
+
 ALGOS = ("dpo", "grpo", "ppo", "rm", "rrhf", "rft")
 
 # Embedded default: hyper-parameters tuned so each algorithm shows a clear reward gain within
@@ -46,62 +56,24 @@ TASK_DEFAULTS: Dict[str, Dict[str, Any]] = {
 # prompt; the other wrong sums are held out to measure how it generalizes to unseen responses.
 TASK_RM_WRONG_PER_PROMPT = 9
 ANSWER_COLUMNS = ("answer", "solution", "ground_truth")
+ALGO_HELP = {"dpo": "Direct Preference Optimization on preference pairs",
+             "grpo": "Group Relative Policy Optimization (online, reward functions)",
+             "ppo": "PPO with a critic (or critic-free estimators), reward functions or a reward model",
+             "rm": "a Bradley-Terry reward model (sequence-classification checkpoint)",
+             "rrhf": "RRHF ranking loss + SFT on the best of k samples",
+             "rft": "best-of-n rejection-sampling fine-tuning"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastrlhf", description="fastrlhf: RLHF training with fused kernels.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train with DPO, GRPO, PPO, a reward model (rm), RRHF or best-of-n RFT "
-                                     "(no --model: the embedded arithmetic job)")
-    t.add_argument("algo", choices=ALGOS)
-    t.add_argument("--model", help="local Hugging Face causal-LM checkpoint (default: embedded tiny Llama)")
-    t.add_argument("--dataset", help="local JSONL in TRL's format (prompt-only for grpo/ppo/rrhf/rft, "
-                                     "preference for dpo/rm; rm also takes {prompt, responses, scores} rankings)")
-    t.add_argument("--output-dir", help="default: runs/<algo>-<timestamp>")
-    t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
-    t.add_argument("--overwrite", action="store_true", help="replace a previous run in --output-dir")
-    t.add_argument("--steps", type=int, help="training steps (rollouts for grpo/ppo, updates for dpo)")
-    t.add_argument("--lr", type=float)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--micro-batch-size", type=int)
-    t.add_argument("--grad-accum", type=int, dest="gradient_accumulation_steps")
-    t.add_argument("--prompts-per-step", type=int, help="grpo/ppo: prompts per rollout")
-    t.add_argument("--group-size", type=int, help="grpo: completions per prompt (G)")
-    t.add_argument("--samples-per-prompt", type=int, help="ppo/rrhf/rft: completions per prompt (k, n)")
-    t.add_argument("--advantage-estimator", help="grpo: grpo | rloo | reinforce | reinforce++ | "
-                                                 "reinforce++-baseline; ppo: gae | the last four")
-    t.add_argument("--center-rewards-coef", type=float, help="rm: weight of mean((r_c + r_r)^2)")
-    t.add_argument("--max-new-tokens", type=int, help="grpo/ppo: completion length limit")
-    t.add_argument("--temperature", type=float, help="grpo/ppo: sampling temperature")
-    t.add_argument("--beta", type=float, help="grpo: k3 KL coefficient; dpo: implicit-reward temperature")
-    t.add_argument("--kl-coef", type=float, help="ppo: KL penalty coefficient")
-    t.add_argument("--loss-type", choices=("sigmoid", "hinge", "ipo", "robust"), help="dpo loss")
-    t.add_argument("--rpo-alpha", type=float, help="dpo: weight of an NLL term on the chosen completions (RPO)")
-    t.add_argument("--lr-warmup-steps", type=int, help="linear learning-rate warm-up steps")
-    t.add_argument("--loss-agg", help="grpo/ppo: token-mean | seq-mean-token-mean | seq-mean-token-sum[-norm]")
-    t.add_argument("--reward-fn", help="grpo/ppo/rrhf/rft reward 'module:function' or 'file.py:function'")
-    t.add_argument("--reward-model", help="grpo/ppo/rrhf/rft: local sequence-classification checkpoint scoring "
-                                          "completions (e.g. the final/ of a `train rm` run)")
-    t.add_argument("--warmup-steps", type=int, help="supervised warm-up steps of the embedded model")
-    t.add_argument("--task-max-operand", type=int, default=TASK_MAX_OPERAND,
-                   help="embedded task: operands drawn from [0, N)")
-    t.add_argument("--lora-r", type=int, default=0, help="LoRA rank through peft (0: full fine-tuning)")
-    t.add_argument("--no-fused-linear", action="store_true", help="materialize logits (for comparison)")
-    t.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
-    t.add_argument("--device", help="default: cuda if available (cuda:LOCAL_RANK under a launcher), else cpu")
-    t.add_argument("--distributed", choices=("auto", "none", "ddp", "fsdp2"),
-                   help="engine under torchrun / accelerate launch (auto: ddp when WORLD_SIZE > 1)")
-    t.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="compute dtype over fp32 master weights (auto: bf16 on CUDA)")
-    t.add_argument("--gradient-checkpointing", action="store_true", default=None,
-                   help="recompute decoder-layer activations in backward")
-    t.add_argument("--cpu-offload", action="store_true", default=None,
-                   help="fsdp2: sharded parameters, gradients and optimizer state in host memory")
-    t.add_argument("--optim", choices=("adamw", "adafactor", "adamw_8bit"), help="optimizer (default adamw)")
-    t.add_argument("--generation-batch-size", type=int, help="grpo/ppo/rrhf/rft: prompts per generate call")
-    t.add_argument("--max-prompt-length", type=int, help="prompts keep their last N tokens")
-    t.add_argument("--no-progress", action="store_true", help="no progress bars")
-    t.add_argument("--no-plot", action="store_true", help="skip curves.png")
+                                     "(no --model: the embedded arithmetic job)",
+                       description="`fastrlhf train <algo> --help` lists that algorithm's options: one flag per "
+                                   "field of its config dataclass, plus the run's model, data and rewards.")
+    algos = t.add_subparsers(dest="algo", required=True, metavar="{" + ",".join(ALGOS) + "}")
+    for algo in ALGOS:
+        add_algo_arguments(algos.add_parser(algo, help=ALGO_HELP[algo]), algo)
     sub.add_parser("bench", help="benchmarks (fastrlhf.bench; arguments are passed through)", add_help=False)
     return p
 
@@ -149,38 +121,38 @@ def _restore_args(args: argparse.Namespace) -> argparse.Namespace:
         saved = json.load(f)
     if saved["algo"] != args.algo:
         raise ValueError(f"--resume {args.resume!r} is a {saved['algo']} run, not {args.algo}")
-    steps, resume, progress = args.steps, args.resume, args.no_progress
+    steps, resume, progress = args.steps, args.resume, getattr(args, "progress", None)
     ns = argparse.Namespace(**saved)
-    ns.resume, ns.output_dir, ns.no_progress, ns.overwrite = resume, resume, progress, False
+    if "no_progress" in saved:  # args.json of a run started before the generated flags
+        ns.progress = None if not saved["no_progress"] else False
+        ns.fused_linear = False if saved.get("no_fused_linear") else None
+    ns.resume, ns.output_dir, ns.progress, ns.overwrite, ns.config = resume, resume, progress, False, None
     if steps is not None:
         ns.steps = steps
     return ns
 
 
 def _absolute_paths(args: argparse.Namespace) -> None:
-    """Local paths in ``args`` made absolute (a ``file.py:function`` reward too)."""
-    for key in ("output_dir", "model", "dataset", "reward_model", "resume"):
+    """Local paths in ``args`` made absolute, hub ids resolved to their cached snapshot (``file.py:fn`` too)."""
+    for key in ("output_dir", "resume"):
         if getattr(args, key, None):
             setattr(args, key, os.path.abspath(getattr(args, key)))
-    fn = getattr(args, "reward_fn", None)
-    if fn and ":" in fn and os.path.exists(fn.rsplit(":", 1)[0]):
-        path, name = fn.rsplit(":", 1)
-        args.reward_fn = f"{os.path.abspath(path)}:{name}"
+    for key, kind in (("model", "model"), ("reward_model", "model"), ("dataset", "dataset"),
+                      ("eval_dataset", "dataset")):
+        if getattr(args, key, None):
+            setattr(args, key, resolve_pretrained(getattr(args, key), "--" + key.replace("_", "-"), kind))
+    fns = getattr(args, "reward_fn", None) or []
+    args.reward_fn = [fns] if isinstance(fns, str) else list(fns)  # args.json of older runs holds one string
+    for i, fn in enumerate(args.reward_fn):
+        if ":" in fn and os.path.exists(fn.rsplit(":", 1)[0]):
+            path, name = fn.rsplit(":", 1)
+            args.reward_fn[i] = f"{os.path.abspath(path)}:{name}"
 
 
 def _config(args, cls, embedded: bool):
-    """The algorithm's config: dataclass defaults, then the embedded task's, then the command line's."""
-    import dataclasses
-
-    fields = {f.name for f in dataclasses.fields(cls)}
-    values = dict(TASK_DEFAULTS[args.algo]) if embedded else {}
-    for name in fields:
-        v = getattr(args, name, None)
-        if v is not None:
-            values[name] = v
-    values.update(seed=args.seed, output_dir=args.output_dir, fused_linear=not args.no_fused_linear,
-                  progress=not args.no_progress, save_every=args.save_every, lora_r=args.lora_r)
-    return cls(**{k: v for k, v in values.items() if k in fields})
+    """The algorithm's config: dataclass defaults < the embedded task's < ``--config`` YAML < command line."""
+    values = config_values(args, cls, dict(TASK_DEFAULTS[args.algo]) if embedded else {})
+    return cls(**values, output_dir=args.output_dir)
 
 
 def _model_and_tokenizer(args, embedded: bool, warmup_rows, device: str):
@@ -199,14 +171,15 @@ def _model_and_tokenizer(args, embedded: bool, warmup_rows, device: str):
     init = os.path.join(args.output_dir, "init")
     model = None
     if engine.is_main() and not (args.resume and os.path.isdir(init)):  # rank 0 builds and warms up the model
-        seed_everything(args.seed)
+        seed_everything(option(args, "seed"))
         tok = build_char_tokenizer()
-        model = tiny_causal_lm(len(tok), tokenizer=tok, seed=args.seed, device=device)
+        model = tiny_causal_lm(len(tok), tokenizer=tok, seed=option(args, "seed"), device=device)
         warmup = args.warmup_steps if args.warmup_steps is not None else TASK_DEFAULTS[args.algo]["warmup_steps"]
         if warmup_rows and warmup > 0:
             t0 = time.perf_counter()
-            losses = supervised_finetune(model, tok, warmup_rows, steps=warmup, seed=args.seed,
-                                         fused_linear=not args.no_fused_linear, progress=not args.no_progress)
+            losses = supervised_finetune(model, tok, warmup_rows, steps=warmup, seed=option(args, "seed"),
+                                         fused_linear=option(args, "fused_linear", True),
+                                         progress=option(args, "progress", True))
             print(f"supervised warm-up: {warmup} steps, NLL {losses[0]:.3f} -> {losses[-1]:.3f} "
                   f"({time.perf_counter() - t0:.1f} s)")
         model.save_pretrained(init)
@@ -291,11 +264,13 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         engine,
     )
     from .algos.data import load_jsonl
-    from .algos.rewards import load_reward_fn, reward_model_fn
+    from .algos.rewards import WeightedRewards, load_reward_fn, reward_model_fn
     from .algos.task import ArithmeticTask, greedy_accuracy
 
     if args.resume:
         args = _restore_args(args)
+    else:
+        apply_config_file(args)  # under the command line; a resumed run has its options in args.json
     device = str(engine.local_device(args.device))
     engine.init_distributed(args.distributed, torch.device(device))  # every rank, before any file is touched
     if args.output_dir is None:  # rank 0's timestamp names the run on every rank
@@ -315,11 +290,15 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             with open(os.path.join(args.output_dir, "args.json"), "w") as f:
                 json.dump({**vars(args), "resume": None}, f, indent=1)
     engine.barrier()
+    tensorboard = None
+    if getattr(args, "report_to", None) == "tensorboard" and engine.is_main():
+        tensorboard = TensorboardWriter(os.path.join(args.output_dir, "tensorboard"))
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # save_pretrained's shard bars would drown the summary
     embedded = args.model is None
-    task = ArithmeticTask(max_operand=args.task_max_operand, seed=args.seed) if args.dataset is None else None
+    args.seed = option(args, "seed")
+    task = ArithmeticTask(max_operand=option(args, "task_max_operand"), seed=args.seed) if not args.dataset else None
 
     # Data, and the supervised warm-up rows for the embedded model.
     if task is not None:
@@ -331,7 +310,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             rows = task.prompt_rows("train")
         warmup_rows = task.sft_rows()
     else:
-        rows = load_jsonl(args.dataset)
+        rows = load_jsonl(dataset_file(args.dataset, "--dataset"))
         warmup_rows = _warmup_rows(args.algo, rows)
     if args.algo == "rm" and not embedded and _is_sequence_classifier(args.model):  # continue a reward model
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -346,8 +325,15 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     # Reward (grpo/ppo/rrhf/rft).
     reward_fn, reward_kw = None, {}
     if args.algo not in ("dpo", "rm"):
-        if args.reward_fn:
-            reward_fn = load_reward_fn(args.reward_fn)
+        weights = getattr(args, "reward_weights", None) or []
+        if weights and not args.reward_fn:
+            raise SystemExit("--reward-weights needs --reward-fn (one weight per function)")
+        if len(args.reward_fn) == 1 and not weights:
+            reward_fn = load_reward_fn(args.reward_fn[0])
+        elif args.reward_fn:
+            if len(weights) not in (0, len(args.reward_fn)):
+                raise SystemExit(f"{len(args.reward_fn)} --reward-fn but {len(weights)} --reward-weights")
+            reward_fn = WeightedRewards([load_reward_fn(spec) for spec in args.reward_fn], weights)
         elif args.reward_model:
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -379,21 +365,54 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     else:
         trainer = {"grpo": GRPO, "rrhf": RRHF, "rft": RFT}[args.algo](model, tokenizer, rows, reward_fn, config)
 
+    eval_rows = None
+    if getattr(args, "eval_dataset", None):
+        eval_rows = load_jsonl(dataset_file(args.eval_dataset, "--eval-dataset", split="test"))
+
+    def greedy(split_rows) -> float:  # through the engine's root forward (FSDP2: gathered weights)
+        with torch.no_grad():
+            return trainer.call(trainer.model, lambda m, t, r: greedy_accuracy(
+                m, t, r, max_new_tokens=getattr(config, "max_new_tokens", 4)), tokenizer, split_rows)
+
+    def eval_split() -> Dict[str, float]:
+        """The task's metric on the eval split: --eval-dataset, else the embedded task's held-out problems."""
+        if eval_rows is not None:
+            return eval_metrics(args.algo, trainer, eval_rows, greedy)
+        if task is None:
+            return {}
+        if args.algo == "rm":
+            return {"eval_pair_accuracy_unseen_prompts": trainer.evaluate(
+                task.preference_rows("eval", pairs_per_problem=TASK_DPO_PAIRS_PER_PROBLEM))["accuracy"]}
+        out = {"eval_accuracy": greedy(task.prompt_rows("eval"))}
+        if args.algo == "dpo":
+            out["eval_reward_accuracy"] = trainer.evaluate(task.preference_rows("eval"))["reward_accuracy"]
+        return out
+
     def evaluate() -> Dict[str, float]:
         out = {}
         if task is not None and args.algo == "rm":  # held-out pair accuracy of the reward model
             out["eval_pair_accuracy_unseen_responses"] = trainer.evaluate(
                 task_ranking_rows(task, seed=args.seed, held_out=True))["accuracy"]
-            out["eval_pair_accuracy_unseen_prompts"] = trainer.evaluate(
-                task.preference_rows("eval", pairs_per_problem=TASK_DPO_PAIRS_PER_PROBLEM))["accuracy"]
         elif task is not None:
-            for split in ("train", "eval"):  # through the engine's root forward (FSDP2: gathered weights)
-                with torch.no_grad():
-                    out[f"{split}_accuracy"] = trainer.call(trainer.model, greedy_accuracy, tokenizer,
-                                                            task.prompt_rows(split))
-            if args.algo == "dpo":
-                out["eval_reward_accuracy"] = trainer.evaluate(task.preference_rows("eval"))["reward_accuracy"]
-        return out
+            out["train_accuracy"] = greedy(task.prompt_rows("train"))
+        return {**out, **eval_split()}
+
+    eval_every = option(args, "eval_every", 0)
+    if eval_every and eval_rows is None and task is None:
+        raise SystemExit("--eval-every needs --eval-dataset (the run has no held-out split)")
+    step_log = trainer.log
+
+    def log(record: Dict[str, Any]) -> None:
+        """The step loop's one logging call, extended: reward components, periodic eval, tensorboard."""
+        if isinstance(reward_fn, WeightedRewards):
+            record.update(reward_fn.pop_means())
+        if eval_every and record["step"] % eval_every == 0:
+            record.update(eval_split())
+        step_log(record)
+        if tensorboard is not None:
+            tensorboard.write(record)
+
+    trainer.log = log  # an instance attribute: trainer.py stays as it is for library users
 
     if args.resume:
         trainer.load_checkpoint(args.output_dir)
@@ -412,12 +431,29 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
 
     summary = summarize(args.algo, history, before, after, elapsed, trainer.step - start_step, config)
     summary.update(output_dir=args.output_dir, final_model=final)
+    if tensorboard is not None:
+        tensorboard.close()
     if not args.no_plot and history:
         summary["curves"] = plot_curves(args.algo, history, os.path.join(args.output_dir, "curves.png"))
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(format_summary(summary))
     return summary
+
+
+def eval_metrics(algo: str, trainer, rows, greedy) -> Dict[str, float]:
+    """``--eval-dataset`` rows scored with the task's metric: reward / pair accuracy for preference rows
+    (dpo, rm), greedy exact-match accuracy for prompt rows with an answer column."""
+    first = rows[0]
+    if algo == "rm" and ("chosen" in first or "responses" in first):
+        return {"eval_pair_accuracy": trainer.evaluate(rows)["accuracy"]}
+    if algo == "dpo" and "chosen" in first:
+        return {"eval_reward_accuracy": trainer.evaluate(rows)["reward_accuracy"]}
+    key = next((k for k in ANSWER_COLUMNS if k in first), None)
+    if key is None or not isinstance(first.get("prompt"), str):
+        raise SystemExit(f"--eval-dataset: {algo} evaluates prompt rows with one of {ANSWER_COLUMNS}"
+                         + (" or preference pairs" if algo in ("dpo", "rm") else ""))
+    return {"eval_accuracy": greedy([{"prompt": r["prompt"], "answer": str(r[key])} for r in rows])}
 
 
 def _window_mean(history, key: str, first: bool) -> Optional[float]:

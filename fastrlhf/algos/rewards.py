@@ -1,10 +1,10 @@
-"""Reward functions: TRL's call convention, a reward model as a function, user functions by name."""
+"""Reward functions: TRL's call convention, a reward model as a function, user functions by name, weighted sums."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Any, Callable, List, Mapping, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Sequence
 
 import torch
 
@@ -60,3 +60,40 @@ def load_reward_fn(spec: str) -> RewardFn:
     if not callable(fn):
         raise ValueError(f"{spec!r} does not name a callable")
     return fn
+
+
+class WeightedRewards:
+    """Several reward functions as one: ``sum_i w_i * fn_i(...)`` (TRL's ``reward_weights``).
+
+    Each component's mean since the last :meth:`pop_means` is kept, so that a step's metrics can
+    show ``reward/<name>`` beside the combined reward (the unweighted component values).
+    """
+
+    def __init__(self, fns: Sequence[RewardFn], weights: Sequence[float] = (), names: Sequence[str] = ()):
+        weights = list(weights) or [1.0] * len(fns)
+        if not fns or len(weights) != len(fns):
+            raise ValueError(f"{len(fns)} reward functions but {len(weights)} weights")
+        self.fns, self.weights = list(fns), [float(w) for w in weights]
+        names = list(names) or [getattr(fn, "__name__", f"fn{i}") for i, fn in enumerate(fns)]
+        # Two functions of one name stay apart: the second is name_1, and so on.
+        self.names = [n if names.index(n) == i else f"{n}_{i}" for i, n in enumerate(names)]
+        self._sums = [0.0] * len(fns)
+        self._count = 0
+
+    def __call__(self, prompts, completions, **kwargs) -> List[float]:
+        total = [0.0] * len(completions)
+        for i, (fn, w) in enumerate(zip(self.fns, self.weights)):
+            values = [float(x) for x in fn(prompts=prompts, completions=completions, **kwargs)]
+            if len(values) != len(completions):
+                raise ValueError(f"reward function {self.names[i]!r} returned {len(values)} values for "
+                                 f"{len(completions)} completions")
+            self._sums[i] += sum(values)
+            total = [t + w * v for t, v in zip(total, values)]
+        self._count += len(completions)
+        return total
+
+    def pop_means(self) -> Dict[str, float]:
+        """``{"reward/<name>": mean}`` over the completions scored since the last call; then reset."""
+        out = {f"reward/{n}": s / self._count for n, s in zip(self.names, self._sums)} if self._count else {}
+        self._sums, self._count = [0.0] * len(self.fns), 0
+        return out
