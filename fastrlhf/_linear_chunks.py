@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from ._rows import first_order_only, out_dtype, row_backward, row_forward
+from .support import chunk_top_k, select_rows, support_grad, support_rows
 
 # Budget for one [chunk, V] logits block and the fp32 work of the row primitives on it,
 # counted as chunk * V * (logits bytes + 4). 256 MiB on GPU gives 294 rows at Qwen2.5's
@@ -255,21 +256,34 @@ def _padded_rows(h_c: torch.Tensor) -> torch.Tensor:
     return torch.cat([h_c, pad])  # [16, H]
 
 
+def _chunk_csr(ids, off, r0: int, r1: int):
+    """The kept sets of kept rows ``r0..r1``: ``(ids [nnz_c], off [r1 - r0 + 1])`` (views; two host reads)."""
+    a, b = int(off[r0]), int(off[r1])
+    return ids[a:b], off[r0:r1 + 1] - a
+
+
 class LinearLogprobsEntropy(torch.autograd.Function):
     """``(logp [N], entropy [N] or None, sum_p2 [N] or None)`` from ``hidden [N, H]``, ``weight [V, H]``,
     ``bias [V]``.
 
     Only ``[N]`` tensors (and the indices of the kept rows) are saved; backward recomputes
     each chunk's logits. Gradients flow to ``hidden``, ``weight`` and ``bias``.
+    ``support``: ``("csr", ids, off)`` (checked, :func:`fastrlhf.support.resolve_support`) or
+    ``("top_k", k)``: every value over each row's kept set, from the chunk's gathered kept logits
+    (:mod:`fastrlhf.support`); the chunk's gradient block is 0 outside the set. The kept sets of
+    the kept rows are saved (``[nnz]``; top_k's are chosen on each forward chunk).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, want_entropy, backend, chunk,
-                accum_dtype, want_sp2=False):
+                accum_dtype, want_sp2=False, support=None):
         N = hidden.shape[0]
         odt = out_dtype(weight)
         inv_temp = 1.0 / temperature
         n_keep, rows = _kept_rows(labels, ignore_index)
+        ids_k, off_k, top_parts = None, None, []
+        if support is not None and support[0] == "csr":
+            ids_k, off_k = select_rows(support[1], support[2], rows)  # the kept rows' sets, in kept order
         logp = torch.zeros(N, dtype=odt, device=hidden.device)  # [N]
         lse = torch.zeros(N, dtype=odt, device=hidden.device)  # [N]
         ent = torch.zeros(N, dtype=odt, device=hidden.device) if want_entropy else None  # [N]
@@ -278,9 +292,19 @@ class LinearLogprobsEntropy(torch.autograd.Function):
             for r0, r1 in _chunk_bounds(n_keep, chunk):
                 x = _chunk_logits(_padded_rows(_take(hidden, rows, r0, r1)), weight, bias)[: r1 - r0]  # [n, V]
                 sq = torch.empty(r1 - r0, dtype=odt, device=hidden.device) if want_sp2 else None  # [n]
-                lp, en, ls = row_forward(
-                    backend, x.unsqueeze(0), _take(labels, rows, r0, r1), inv_temp, ignore_index, want_entropy, sq
-                )
+                lab_c = _take(labels, rows, r0, r1)
+                if support is None:
+                    lp, en, ls = row_forward(backend, x.unsqueeze(0), lab_c, inv_temp, ignore_index, want_entropy, sq)
+                else:
+                    if support[0] == "top_k":
+                        rows0 = torch.arange(r0, r1) if rows is None else rows[r0:r1]
+                        ids_c, off_c = chunk_top_k(x, lab_c, support[1], inv_temp, rows0)
+                        top_parts.append(ids_c)
+                    else:
+                        ids_c, off_c = _chunk_csr(ids_k, off_k, r0, r1)
+                    lp, en, sq_c, ls = support_rows(x, lab_c, ids_c, off_c, inv_temp, ignore_index, odt)
+                    if want_sp2:
+                        sq.copy_(sq_c)
                 del x  # free the block before the next chunk's matmul allocates another
                 _put(logp, rows, r0, r1, lp)
                 _put(lse, rows, r0, r1, ls)
@@ -288,7 +312,10 @@ class LinearLogprobsEntropy(torch.autograd.Function):
                     _put(ent, rows, r0, r1, en)
                 if want_sp2:
                     _put(sp2, rows, r0, r1, sq)
-        ctx.save_for_backward(hidden, weight, bias, labels, rows, lse, ent, sp2)
+        if support is not None and support[0] == "top_k":
+            ids_k = torch.cat(top_parts) if top_parts else torch.zeros(0, dtype=torch.int64, device=hidden.device)
+            off_k = torch.arange(0, n_keep + 1, device=hidden.device, dtype=torch.int64) * support[1]
+        ctx.save_for_backward(hidden, weight, bias, labels, rows, lse, ent, sp2, ids_k, off_k)
         ctx.n_keep = n_keep
         ctx.inv_temp = inv_temp
         ctx.ignore_index = ignore_index
@@ -302,12 +329,12 @@ class LinearLogprobsEntropy(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, dlogp, dent, dsp2):
-        hidden, weight, bias, labels, rows, lse, ent, sp2 = ctx.saved_tensors
+        hidden, weight, bias, labels, rows, lse, ent, sp2, ids_k, off_k = ctx.saved_tensors
         if not ctx.want_entropy:
             dent = None
         if sp2 is None:
             dsp2 = None
-        none = (None,) * 8
+        none = (None,) * 9
         if dlogp is None and dent is None and dsp2 is None:
             return (None, None, None) + none
         dt = lse.dtype
@@ -321,11 +348,20 @@ class LinearLogprobsEntropy(torch.autograd.Function):
                 h_c = _padded_rows(_take(hidden, rows, r0, r1))  # [max(n, 16), H] (zero rows padded)
                 g = _chunk_logits(h_c, weight, bias)  # [., V] recomputed, then overwritten by its gradient
                 g3 = g[:n].unsqueeze(0)  # [1, n, V]
-                row_backward(
-                    ctx.backend, g3, _take(labels, rows, r0, r1), _take(lse, rows, r0, r1),
-                    _take(ent, rows, r0, r1), _take(dlogp, rows, r0, r1), _take(dent, rows, r0, r1),
-                    ctx.inv_temp, ctx.ignore_index, g3, _take(sp2, rows, r0, r1), _take(dsp2, rows, r0, r1),
-                )
+                saved = [_take(t, rows, r0, r1) for t in (labels, lse, ent, dlogp, dent, sp2, dsp2)]
+                if ids_k is None:
+                    lab_c, lse_c, ent_c, dlogp_c, dent_c, sp2_c, dsp2_c = saved
+                    row_backward(ctx.backend, g3, lab_c, lse_c, ent_c, dlogp_c, dent_c, ctx.inv_temp,
+                                 ctx.ignore_index, g3, sp2_c, dsp2_c)
+                else:  # the kept logits' gradient, then the block is 0 except on the kept sets
+                    ids_c, off_c = _chunk_csr(ids_k, off_k, r0, r1)
+                    row_of = torch.repeat_interleave(torch.arange(n, device=g.device), off_c[1:] - off_c[:-1])
+                    z = g[row_of, ids_c].to(dt) * ctx.inv_temp  # [nnz]
+                    lab_c, lse_c, ent_c, dlogp_c, dent_c, sp2_c, dsp2_c = saved
+                    gs = support_grad(z, ids_c, row_of, lab_c.long(), lse_c, ent_c, sp2_c, dlogp_c, dent_c, dsp2_c,
+                                      ctx.inv_temp, ctx.ignore_index)
+                    g.zero_()
+                    g[row_of, ids_c] = gs.to(g.dtype)
                 if g.shape[0] == n:
                     _chunk_param_grads(g, h_c, weight, rows, r0, r1, dh, dW, db)
                 else:  # padded rows: zero gradient, their dh rows dropped

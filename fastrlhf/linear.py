@@ -75,6 +75,7 @@ from .dpo import check_dpo_args, pair_loss, sequence_logps, with_nll_term
 from .logprobs import mask_as_ignored
 from .policy_forms import rollout_stats, rollout_weights
 from .ppo import _grpo, check_ppo_args
+from .support import check_top_k, resolve_support
 from .token_math import (
     counted_tokens,
     loss_agg_weights,
@@ -204,15 +205,30 @@ def _prepare(hidden, weight, bias, labels, temperature, ignore_index, chunk_size
     return h2, weight, bias, lab, temperature, resolved, chunk, accum_dtype
 
 
+def _support_spec(h2, weight, lab, support, top_k, temperature, ignore_index):
+    """``None``, ``("csr", ids, off)`` (checked against the labels) or ``("top_k", k)`` for the chunks."""
+    if support is None and top_k is None:
+        return None
+    V = weight.shape[0]
+    if top_k is not None:
+        if support is not None:
+            raise ValueError("pass either support=(token_ids, offsets) or top_k, not both")
+        check_top_k(top_k, V)
+        return ("top_k", top_k)
+    logits_like = torch.empty((), dtype=weight.dtype, device=h2.device).expand(lab.numel(), V)  # no memory
+    return ("csr",) + resolve_support(logits_like, lab, support, None, temperature, ignore_index)
+
+
 def _linear_forward(hidden, weight, bias, labels, temperature, ignore_index, want_entropy, chunk_size, accum_dtype,
-                    backend, want_sp2=False):
+                    backend, want_sp2=False, support=None, top_k=None):
     """Checks, then ``(logp, ent)`` shaped like ``labels`` (``ent`` None unless wanted); ``want_sp2``:
-    ``(logp, ent, sum_p2)``."""
+    ``(logp, ent, sum_p2)``. ``support`` / ``top_k``: over each row's kept set (:mod:`fastrlhf.support`)."""
     h2, weight, bias, lab, temperature, backend, chunk, accum_dtype = _prepare(
         hidden, weight, bias, labels, temperature, ignore_index, chunk_size, accum_dtype, backend
     )
+    spec = _support_spec(h2, weight, lab, support, top_k, temperature, ignore_index)
     logp, ent, sp2 = LinearLogprobsEntropy.apply(
-        h2, weight, bias, lab, temperature, ignore_index, want_entropy, backend, chunk, accum_dtype, want_sp2
+        h2, weight, bias, lab, temperature, ignore_index, want_entropy, backend, chunk, accum_dtype, want_sp2, spec
     )
     shape = labels.shape
     out = logp.view(shape), (ent.view(shape) if ent is not None else None)
@@ -300,6 +316,8 @@ def linear_token_logprobs(
     accum_dtype: Optional[torch.dtype] = None,
     backend: str = "auto",
     process_group=None,
+    support=None,
+    top_k: Optional[int] = None,
 ) -> torch.Tensor:
     """:func:`fastrlhf.token_logprobs` of the logits ``hidden @ weight.T + bias``, never materialized.
 
@@ -313,13 +331,17 @@ def linear_token_logprobs(
         chunk_size: rows per logits block; default :func:`default_chunk_size` (memory budget).
         accum_dtype: dtype of the weight/bias gradient accumulator (default fp32; fp64 for fp64).
         backend: row-primitive backend, ``"auto"`` / ``"triton"`` / ``"native"`` / ``"torch"``.
+        support: ``(token_ids, offsets)``, the sampler's kept set per token (vLLM's CSR, as
+            :func:`fastrlhf.token_logprobs`): logp renormalised over it, from each chunk's gathered kept
+            logits; the logits' gradient is 0 outside the set. A counted label outside its set: ``ValueError``.
+        top_k: the kept set is the ``top_k`` largest tempered fp32 logits, chosen per chunk.
 
     Returns:
         ``logp [...]`` fp32, differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
     """
     _no_process_group(process_group)
     logp, _ = _linear_forward(hidden, weight, bias, labels, temperature, ignore_index, False, chunk_size,
-                              accum_dtype, backend)
+                              accum_dtype, backend, support=support, top_k=top_k)
     return logp
 
 
@@ -336,16 +358,19 @@ def linear_token_logprobs_and_entropy(
     backend: str = "auto",
     process_group=None,
     sum_p_squared: bool = False,
+    support=None,
+    top_k: Optional[int] = None,
 ) -> tuple[torch.Tensor, ...]:
     """``(logp, entropy)`` per token from ``hidden @ weight.T + bias``; both differentiable.
 
     Same values as :func:`fastrlhf.token_logprobs_and_entropy` on the full logits (both 0 where
     ``labels == ignore_index``); ``sum_p_squared=True`` adds ``sum_p2 = sum_v softmax(x)_v^2``
-    (differentiable, same pass). Arguments as :func:`linear_token_logprobs`.
+    (differentiable, same pass). Arguments as :func:`linear_token_logprobs`; with ``support`` / ``top_k``
+    all values are over each row's kept set.
     """
     _no_process_group(process_group)
     return _linear_forward(hidden, weight, bias, labels, temperature, ignore_index, True, chunk_size,
-                           accum_dtype, backend, want_sp2=bool(sum_p_squared))
+                           accum_dtype, backend, want_sp2=bool(sum_p_squared), support=support, top_k=top_k)
 
 
 def linear_ppo_clip_loss(

@@ -67,6 +67,11 @@ def _check_csr(token_ids, offsets, N: int, V: int) -> Tuple[torch.Tensor, torch.
     return ids, off
 
 
+def check_top_k(top_k, V: int) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= V:
+        raise ValueError(f"top_k must be an int in [1, V = {V}], got {top_k!r}")
+
+
 def resolve_support(logits: torch.Tensor, labels: torch.Tensor, support, top_k, temperature: float,
                     ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(ids [nnz] int64, offsets [N + 1] int64)`` from ``support=(token_ids, offsets)`` or ``top_k``,
@@ -77,8 +82,7 @@ def resolve_support(logits: torch.Tensor, labels: torch.Tensor, support, top_k, 
     N = logits.numel() // V if V else 0
     dev = logits.device
     if top_k is not None:
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= V:
-            raise ValueError(f"top_k must be an int in [1, V = {V}], got {top_k!r}")
+        check_top_k(top_k, V)
         x = logits.reshape(N, V).to(out_dtype(logits)) * (1.0 / temperature)  # [N, V] tempered
         ids = torch.topk(x, top_k, dim=-1).indices.reshape(-1)  # [N * k]
         off = torch.arange(0, N + 1, device=dev, dtype=torch.int64) * top_k
@@ -196,18 +200,7 @@ class SupportLogprobs(torch.autograd.Function):
         nothing = (None,) * 6
         if dlogp is None and dent is None and dsp2 is None:
             return (None,) + nothing
-        valid = (lab != ctx.ignore_index)[row_of]  # [nnz]
-        p = torch.exp(z - lse[row_of])  # [nnz] p_S
-        g = torch.zeros_like(z)
-        if dlogp is not None:
-            dl = dlogp.reshape(-1).to(z.dtype)[row_of]
-            g = g + dl * ((ids == lab[row_of]).to(z.dtype) - p)
-        if dent is not None:
-            E = (lse - ent)[row_of]
-            g = g - dent.reshape(-1).to(z.dtype)[row_of] * torch.where(p > 0, p * (z - E), torch.zeros_like(p))
-        if dsp2 is not None:
-            g = g + 2.0 * dsp2.reshape(-1).to(z.dtype)[row_of] * p * (p - sp2[row_of])
-        g = torch.where(valid, g * ctx.inv_temp, torch.zeros_like(g))
+        g = support_grad(z, ids, row_of, lab, lse, ent, sp2, dlogp, dent, dsp2, ctx.inv_temp, ctx.ignore_index)
         if ctx.logits is not None:  # inplace_backward: zeros, then the support entries, into the logits
             grad = ctx.logits
             grad.zero_()
@@ -217,6 +210,62 @@ class SupportLogprobs(torch.autograd.Function):
         T = ctx.T
         g3[row_of // T, row_of % T, ids] = g.to(ctx.dtype)
         return (grad,) + nothing
+
+
+def support_grad(z, ids, row_of, lab, lse, ent, sp2, dlogp, dent, dsp2, inv_temp: float, ignore_index: int):
+    """``g [nnz]``: the logits' gradient on the kept entries (``z [nnz]`` tempered logits of the rows
+    ``row_of [nnz]``; ``[N]`` saved values and upstream grads, each None when not wanted); 0 on ignored rows."""
+    valid = (lab != ignore_index)[row_of]  # [nnz]
+    p = torch.exp(z - lse[row_of])  # [nnz] p_S
+    g = torch.zeros_like(z)
+    if dlogp is not None:
+        dl = dlogp.reshape(-1).to(z.dtype)[row_of]
+        g = g + dl * ((ids == lab[row_of]).to(z.dtype) - p)
+    if dent is not None:
+        E = (lse - ent)[row_of]
+        g = g - dent.reshape(-1).to(z.dtype)[row_of] * torch.where(p > 0, p * (z - E), torch.zeros_like(p))
+    if dsp2 is not None:
+        g = g + 2.0 * dsp2.reshape(-1).to(z.dtype)[row_of] * p * (p - sp2[row_of])
+    return torch.where(valid, g * inv_temp, torch.zeros_like(g))
+
+
+def support_rows(x2, labels, ids, off, inv_temp: float, ignore_index: int, dt):
+    """One block of raw logits ``x2 [n, V]`` (a fused-linear chunk) over its kept sets ``ids [nnz]``,
+    ``off [n + 1]``: ``(logp, ent, sp2, lse)`` ``[n]`` in ``dt``."""
+    n = x2.shape[0]
+    row_of = torch.repeat_interleave(torch.arange(n, device=x2.device), off[1:] - off[:-1])  # [nnz]
+    lse, ent, sp2 = support_stats(x2[row_of, ids].to(dt) * inv_temp, off)
+    lab = labels.long()
+    valid = lab != ignore_index
+    x_lab = x2[torch.arange(n, device=x2.device), torch.where(valid, lab, torch.zeros_like(lab))]  # [n]
+    zero = torch.zeros((), dtype=dt, device=x2.device)
+    return (torch.where(valid, x_lab.to(dt) * inv_temp - lse, zero), torch.where(valid, ent, zero),
+            torch.where(valid, sp2, zero), lse)
+
+
+def chunk_top_k(x2, labels, k: int, inv_temp: float, rows0):
+    """``(ids [n k], off [n + 1])``: the ``k`` largest tempered fp32 logits of each row of ``x2 [n, V]``
+    (every label counted); a label outside its set is a ``ValueError`` naming its token ``rows0[i]``."""
+    n = x2.shape[0]
+    ids = torch.topk(x2.float() * inv_temp, k, dim=-1).indices  # [n, k]
+    missing = ~(ids == labels.long()[:, None]).any(-1)
+    if bool(missing.any()):
+        i = int(missing.nonzero()[0, 0])
+        raise ValueError(f"labels[{int(rows0[i])}] = {int(labels[i])} is outside its row's top_k set (the sampler "
+                         "could not have drawn it): check that the kept sets are aligned with the labels")
+    return ids.reshape(-1), torch.arange(0, n + 1, device=x2.device, dtype=torch.int64) * k
+
+
+def select_rows(ids, off, rows):
+    """The CSR sets ``(ids, off)`` of the rows ``rows [n]`` (None: all), in that order."""
+    if rows is None:
+        return ids, off
+    counts = (off[1:] - off[:-1])[rows]  # [n]
+    new_off = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=off.device)
+    torch.cumsum(counts, 0, out=new_off[1:])
+    r = torch.repeat_interleave(torch.arange(rows.numel(), device=off.device), counts)  # [nnz']
+    j = torch.arange(r.numel(), device=off.device) - new_off[:-1][r]
+    return ids[off[rows][r] + j], new_off
 
 
 def support_token_values(logits, labels, ids, off, temperature, ignore_index, inplace_backward):

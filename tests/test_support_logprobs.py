@@ -150,3 +150,80 @@ def test_bad_support_is_a_value_error_naming_the_argument():
         fastrlhf.token_logprobs(x, y, top_k=0)
     with pytest.raises(ValueError, match="either"):
         fastrlhf.token_logprobs(x, y, support=ok, top_k=2)
+
+
+# ---- fused-linear token ops: each chunk's kept logits, gradients only through S ----
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sizes", [[1], [2], [82], ["V"], [1, 2, 82, "V"], "top_k"], ids=str)
+def test_linear_support_matches_fp64_reference(backend, dtype, sizes):
+    torch.manual_seed(3)
+    N, H, V = 9, 16, 301
+    h = torch.randn(N, H).to(dtype).requires_grad_()
+    W = (torch.randn(V, H) * 0.5).to(dtype).requires_grad_()
+    b = (torch.randn(V) * 0.1).to(dtype).requires_grad_()
+    y = torch.randint(0, V, (N,))
+    y[4] = -100
+    if sizes == "top_k":
+        kw = {"top_k": 5}
+        with torch.no_grad():  # labels inside their top-5 set (of the fp32 GEMM's tempered logits)
+            x32 = (h.float() @ W.float().T + b.float()) / 0.7
+            y = torch.where(y == -100, y, x32.topk(5, -1).indices[torch.arange(N), torch.arange(N) % 5])
+    else:
+        kw = {"support": make_csr(N, V, y, [V if k == "V" else k for k in sizes])}
+    lp, ent, q = fastrlhf.linear_token_logprobs_and_entropy(h, W, y, bias=b, temperature=0.7, sum_p_squared=True,
+                                                            backend=backend, chunk_size=4, **kw)
+    assert lp.shape == ent.shape == q.shape == (N,) and lp.dtype == torch.float32
+    h64, W64, b64 = (t.detach().double().requires_grad_() for t in (h, W, b))
+    lp_r, ent_r, q_r = ref.linear_token_logprobs_and_entropy(h64, W64, y, bias=b64, temperature=0.7,
+                                                             sum_p_squared=True, **kw)
+    for ours, want in ((lp, lp_r), (ent, ent_r), (q, q_r)):
+        torch.testing.assert_close(ours.double(), want, atol=2e-5, rtol=1e-5)
+    assert lp[4] == 0 and ent[4] == 0 and q[4] == 0
+    lp1 = fastrlhf.linear_token_logprobs(h, W, y, bias=b, temperature=0.7, backend=backend, chunk_size=4, **kw)
+    assert torch.equal(lp1, lp)
+    u = torch.randn(3, N)
+    grads = torch.autograd.grad((u[0] * lp + u[1] * ent + u[2] * q).sum(), (h, W, b))
+    grads_r = torch.autograd.grad((u[0].double() * lp_r + u[1].double() * ent_r + u[2].double() * q_r).sum(),
+                                  (h64, W64, b64))
+    for g, g_r in zip(grads, grads_r):
+        assert g.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(g.double(), g_r, atol=1e-5, rtol=1e-5)
+        else:  # the fp32 logits gradient rounded once to the input dtype: as the full-vocabulary ops
+            assert_grad_close(g, g_r, dtype)
+
+
+def test_linear_support_gradient_is_zero_outside_the_set():
+    # W's rows (vocabulary entries) outside every kept set get exactly zero gradient; a set of size
+    # 1 (the label) gives logp = 0 and no gradient at all.
+    torch.manual_seed(4)
+    N, H, V = 6, 8, 50
+    h = torch.randn(N, H, requires_grad=True)
+    W = torch.randn(V, H, requires_grad=True)
+    y = torch.randint(0, 20, (N,))
+    ids, off = make_csr(N, 20, y, [3])  # sets inside [0, 20)
+    lp = fastrlhf.linear_token_logprobs(h, W, y, support=(ids, off), chunk_size=4)
+    (gW,) = torch.autograd.grad(lp.sum(), W)
+    assert torch.all(gW[20:] == 0) and gW[:20].abs().sum() > 0
+    one = fastrlhf.linear_token_logprobs(h, W, y, support=(y.clone(), torch.arange(N + 1)), chunk_size=4)
+    assert torch.all(one == 0)
+    (gh,) = torch.autograd.grad(one.sum(), h)
+    assert torch.all(gh == 0)
+
+
+def test_linear_label_outside_support_is_a_value_error():
+    N, H, V = 4, 8, 30
+    h, W = torch.randn(N, H), torch.randn(V, H)
+    y = torch.tensor([1, 2, 3, -100])
+    ids, off = torch.tensor([1, 2, 5, 0]), torch.tensor([0, 1, 2, 3, 4])  # row 2 keeps {5}, label 3
+    with pytest.raises(ValueError, match=r"labels\[2\] = 3 is outside"):
+        fastrlhf.linear_token_logprobs(h, W, y, support=(ids, off))
+    x = h @ W.T
+    y_bad = x.topk(2, -1).indices[:, 1].clone()
+    y_bad[2] = x[2].argmin()
+    with pytest.raises(ValueError, match=r"labels\[2\] = .* top_k set"):
+        fastrlhf.linear_token_logprobs(h, W, y_bad, top_k=2, chunk_size=2)
+    with pytest.raises(ValueError, match="not both"):
+        fastrlhf.linear_token_logprobs(h, W, y, support=(ids, off), top_k=2)
