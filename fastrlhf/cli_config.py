@@ -136,7 +136,9 @@ def add_algo_arguments(p: argparse.ArgumentParser, algo: str) -> None:
     for flags, kw, algos in RUN_OPTIONS:
         if algos is None or algo in algos:
             p.add_argument(*flags, **kw)
-    g = p.add_argument_group(f"{cls.__name__} fields (python: fastrlhf.algos.{cls.__name__})")
+    g = p.add_argument_group(f"{cls.__name__} fields (python: fastrlhf.algos.{cls.__name__})",
+                             "defaults are the dataclass's; the embedded task (no --dataset) tunes steps, lr and "
+                             "batch sizes (fastrlhf.cli.TASK_DEFAULTS)")
     for f in dataclasses.fields(cls):
         if f.name in RUN_FIELDS:
             continue
