@@ -331,10 +331,11 @@ def test_tied_embeddings():
 
 
 @pytest.mark.parametrize("backend", [b for b in backends() if b != "triton"])
-@pytest.mark.parametrize("accum_dtype", [None, torch.bfloat16])
-def test_bf16_model(backend, accum_dtype):
-    """bf16 hidden/weight: error vs fp64 at most 2x that of the plain bf16 PyTorch composition."""
-    hidden, weight, b, labels = _inputs(4, 16, 64, 1000, bias=True, dtype=torch.bfloat16, seed=23)
+@pytest.mark.parametrize("dtype,accum_dtype", [(torch.bfloat16, None), (torch.bfloat16, torch.bfloat16),
+                                               (torch.float16, None), (torch.float16, torch.float16)])
+def test_low_precision_model(backend, dtype, accum_dtype):
+    """bf16 / fp16 hidden/weight: error vs fp64 at most 2x that of the plain PyTorch composition in that dtype."""
+    hidden, weight, b, labels = _inputs(4, 16, 64, 1000, bias=True, dtype=dtype, seed=23)
     up = torch.randn(labels.shape, generator=torch.Generator().manual_seed(24))
 
     def run(fn, h, w, bb):
@@ -351,11 +352,11 @@ def test_bf16_model(backend, accum_dtype):
     ref64 = run(lambda h, w, bb: R.linear_token_logprobs_and_entropy(h, w, labels, bias=bb), *_as64(hidden, weight, b))
     plain = run(lambda h, w, bb: R.linear_token_logprobs_and_entropy(h, w, labels, bias=bb, upcast=False),
                 hidden, weight, b)
-    assert ours[0].dtype == torch.float64 and ours[2].dtype == torch.bfloat16 and ours[3].dtype == torch.bfloat16
+    assert ours[0].dtype == torch.float64 and ours[2].dtype == dtype and ours[3].dtype == dtype
     for name, o, r, p in zip(["logp", "entropy", "d_hidden", "d_weight", "d_bias"], ours, ref64, plain):
         err = (o.double() - r).abs().max().item()
         own = (p.double() - r).abs().max().item()
-        assert err <= 2 * own + 1e-3, f"{name}: error {err:.3g} > 2 x plain bf16 error {own:.3g}"
+        assert err <= 2 * own + 1e-3, f"{name}: error {err:.3g} > 2 x plain {dtype} error {own:.3g}"
 
 
 def test_wide_accumulator_blocked_path():
