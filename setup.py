@@ -82,7 +82,7 @@ setup(
     long_description=open("README.md").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fastrlhf", "fastrlhf.*"]),
-    package_data={"fastrlhf": ["csrc/*.cpp", "csrc/*.h", "csrc/*.inl", "data/*"]},
+    package_data={"fastrlhf": ["csrc/*.cpp", "csrc/*.h", "csrc/*.inl"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

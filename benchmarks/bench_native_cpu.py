@@ -33,7 +33,7 @@ returned on free and the peak RSS is the peak of live tensors.
 Usage: ``python benchmarks/bench_native_cpu.py [--n 4096 --v 32000 --repeat 5 --rounds 3 --threads 0]``
 (``--threads 0``: torch's default). Writes ``benchmarks/results/cpu/native_N{n}_V{v}.json``
 and a markdown table beside it. Linux only (reads ``/proc``). Not a test: it times, it
-asserts nothing; it prints whether the issue-17 targets (forward >= 3x the composition,
+asserts nothing; it prints whether the targets (forward >= 3x the composition,
 forward+backward >= 2x the composition with THP, forward <= 1.5x the exp floor) were met.
 """
 
@@ -161,7 +161,7 @@ VARIANTS = [
     ("native-noTHP", "fwd_bwd", {}, True),
     ("native_inplace", "fwd_bwd", {}, False),
 ]
-# issue 17's targets: (name, numerator variant/mode, denominator variant/mode, bound, kind)
+# targets: (name, numerator variant/mode, denominator variant/mode, bound, kind)
 TARGETS = [
     ("forward: torch / native >= 3", ("torch", "fwd"), ("native", "fwd"), 3.0, "min"),
     ("forward+backward: torch+THP / native >= 2", ("torch+THP", "fwd_bwd"), ("native", "fwd_bwd"), 2.0, "min"),
@@ -336,7 +336,7 @@ def markdown_table(results, speedups, targets, args):
     lines += ["", "| ratio (wall median / wall min / CPU time) | value |", "|---|---|"]
     for k, v in speedups.items():
         lines.append(f"| {k} | {v['median']:.2f}x / {v['min']:.2f}x / {v['cpu']:.2f}x |")
-    lines += ["", "| issue-17 target (wall medians) | value | met |", "|---|---:|---|"]
+    lines += ["", "| target (wall medians) | value | met |", "|---|---:|---|"]
     for t in targets:
         lines.append(f"| {t['target']} | {t['value']:.2f} | {'yes' if t['met'] else 'NO'} |")
     return "\n".join(lines)

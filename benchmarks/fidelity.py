@@ -1,4 +1,4 @@
-"""Max error of every loss vs the fp64 reference, per backend (the numbers quoted for issue 3).
+"""Max error of every loss vs the fp64 reference, per backend (the numbers quoted in the README and docs).
 
     python benchmarks/fidelity.py
 

@@ -48,10 +48,10 @@ datasheets). A pass moving ``b`` bytes per element is issue-bound unless
 
 Usage (no ``TRITON_INTERPRET`` in the environment: interpreter-decorated kernels do not compile):
   python benchmarks/sm90_static.py                  # table (fastrlhf + Liger, all jobs)
-  python benchmarks/sm90_static.py --json           # one object per pass, the keys of issue 13
+  python benchmarks/sm90_static.py --json           # one object per pass (impl, kernel, job, regs, ...)
   python benchmarks/sm90_static.py --json --detail  # + smem, mufu, opcode histogram, arch, ...
   python benchmarks/sm90_static.py --impl fastrlhf --job grpo-fused --sass /tmp/sass
-  python benchmarks/sm90_static.py --check          # issue 13's targets; exit 1 if unmet
+  python benchmarks/sm90_static.py --check          # the slot targets; exit 1 if unmet
 From Python (a process without TRITON_INTERPRET): ``analyze(impls, jobs, archs)`` returns a list
 of ``PassResult``; ``KernelResult``s (compile facts per launch) are in ``analyze_kernels``.
 """
@@ -76,7 +76,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# The production job size of issue 13: 16 sequences x 1024 tokens, Qwen2.5's vocabulary, bf16.
+# The production job size: 16 sequences x 1024 tokens, Qwen2.5's vocabulary, bf16.
 B, T, V = 16, 1024, 151936
 N = B * T
 
@@ -208,7 +208,7 @@ def _liger_grpo(f: Fake, backward: bool):
 @dataclasses.dataclass(frozen=True)
 class Job:
     impl: str  # "fastrlhf" | "liger"
-    job: str  # issue 13's job names
+    job: str  # job names
     run: Callable[[Fake], None]
     keep: Optional[Tuple[str, ...]] = None  # kernels to keep (None: every launch the job makes)
     nv: bool = True  # an [N, V] streaming job (slots/elem budget, 128-bit checks)
@@ -688,7 +688,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--job", action="append", choices=JOB_NAMES, help="jobs (default: all)")
     ap.add_argument("--arch", type=int, action="append", help="compute capability (default 90 = sm_90a)")
     ap.add_argument("--sass", type=Path, help="write each kernel's SASS into this folder")
-    ap.add_argument("--check", action="store_true", help="exit 1 unless issue 13's targets hold")
+    ap.add_argument("--check", action="store_true", help="exit 1 unless the slot targets hold")
     args = ap.parse_args(argv)
     impls = args.impl or list(IMPLS)
     if "liger" in impls and importlib.util.find_spec("liger_kernel") is None:

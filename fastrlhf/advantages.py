@@ -324,7 +324,7 @@ def reinforce_plus_plus_advantages(
 
 
 # ----------------------------------------------------------------------------------------
-# Whitening and the one estimator dispatch the trainers use (issue 18)
+# Whitening and the one estimator dispatch the trainers use
 # ----------------------------------------------------------------------------------------
 
 __all__ += ["masked_whiten", "estimate_advantages", "ADVANTAGE_ESTIMATORS"]

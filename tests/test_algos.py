@@ -365,7 +365,7 @@ def test_ppo_with_reward_model(tok, task):
 
 
 # ----------------------------------------------------------------------------------------
-# Learning, robust by design (issue 14)
+# Learning, robust by design
 #
 # A "reward rises" curve hinges on one sampling trajectory, and another CPU's floating-point
 # reduction order gives another trajectory. So the default suite checks learning on a fixed

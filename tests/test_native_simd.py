@@ -3,7 +3,7 @@ they must be, and deterministic.
 
 - The built ``_C`` is disassembled (``objdump -d``): the AVX2 row kernels
   (``simd_avx2::row_stats`` / ``grad_row``) must contain packed FMAs on ymm registers and no
-  scalar FMA, the AVX-512 ones packed FMAs on zmm. This is the check issue 17 asked for: GCC 12
+  scalar FMA, the AVX-512 ones packed FMAs on zmm. This is the check: GCC 12
   had left the ``omp simd`` loops scalar (``vfmadd213ss``) without anyone noticing.
 - Dispatch picks the widest kernels the CPU reports (``/proc/cpuinfo``).
 - Every kernel table this CPU runs: loads of all 65536 bf16 / fp16 bit patterns equal torch's;

@@ -1,4 +1,4 @@
-"""Policy-loss forms (issue 16): CISPO, SAPO, GSPO (``ratio_level="sequence"``), ``ratio_cap`` (TRL's
+"""Policy-loss forms: CISPO, SAPO, GSPO (``ratio_level="sequence"``), ``ratio_cap`` (TRL's
 ``delta``), ``kl_is_correction`` (TRL's ``use_bias_correction_kl``) and the rollout corrections.
 
 Layers: hand-derived values on a 2-sequence example (arithmetic in comments); the closed-form

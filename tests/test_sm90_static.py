@@ -28,17 +28,17 @@ import sm90_static  # noqa: E402  (the job table; compiling happens in the subpr
 # pass 19.5, fused GRPO/PPO both passes 29.2 (entropy term included). Measured after the rework
 # in the comments (benchmarks/results/sm90-static/README.md has the before/after tables).
 SLOT_BUDGET = {
-    "logprobs-fwd": 9.7,  # measured 6.06 (issue 13: 6.6; before it: 15.5)
+    "logprobs-fwd": 9.7,  # measured 6.06 (before the rework: 15.5)
     "logprobs-entropy-fwd": 9.7,  # 8.44 (9.06; 21.2)
     "logprobs-bwd": 19.5,  # 6.6 (19.5)
     "logprobs-entropy-bwd": 19.5,  # 8.8 (23.3)
     "grpo-fused": 29.2,  # 6.06 + 6.6 (35.0)
     "ppo-fused": 29.2,  # 8.44 + 8.8 (44.6)
-    # issue 16: entropy + sum p^2 accumulators (one FFMA e*e + s2 per element over the entropy
+    # entropy + sum p^2 accumulators (one FFMA e*e + s2 per element over the entropy
     # forward), measured 9.44 (10.19 before the forward's packed bf16 -> fp32 conversion and
     # 32-bit trip counter: 1.5 -> 1 op per element, 5 -> 2 ops per trip).
     "logprobs-sum-p2-fwd": 9.7,
-    "logprobs-sum-p2-bwd": 19.5,  # issue 16: p (A + B y + C p), all three gradients; measured 9.75
+    "logprobs-sum-p2-bwd": 19.5,  # p (A + B y + C p), all three gradients; measured 9.75
 }
 # The passes each [N, V] job must have: a forward is one lse loop, a backward one gradient loop,
 # a fused loss both. Also guards the loop detection itself (no loop found = 0 slots).

@@ -1,4 +1,4 @@
-"""Former home of what the trainers share, split by idea (issue 18); these names stay importable from here.
+"""Former home of what the trainers share, split by idea; these names stay importable from here.
 
 - :mod:`fastrlhf.algos.trainer`: ``TrainConfig``, ``Trainer`` (the one update loop, rollouts,
   checkpoints), RNG state, ``supervised_finetune``.

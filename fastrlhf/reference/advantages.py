@@ -75,7 +75,7 @@ def group_advantages(
 
 
 # ----------------------------------------------------------------------------------------
-# The rest of the RLHF pipeline (issue 10): critic-free advantages, reward-model and RRHF
+# The rest of the RLHF pipeline: critic-free advantages, reward-model and RRHF
 # losses. Plain loops over rows, tokens and pairs: slow, and obviously the formula.
 # ----------------------------------------------------------------------------------------
 
@@ -180,7 +180,7 @@ def reinforce_plus_plus_advantages(
 
 
 # ----------------------------------------------------------------------------------------
-# Value loss, whitening, the estimator dispatch (issue 18): the formulas, element by element
+# Value loss, whitening, the estimator dispatch: the formulas, element by element
 # ----------------------------------------------------------------------------------------
 
 

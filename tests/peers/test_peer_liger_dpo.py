@@ -3,7 +3,7 @@
 Source: ``test/chunked_loss/test_dpo_loss.py::test_correctness`` and its reference ``HFDPOLoss`` /
 ``test/utils.py::HFAlignmentLoss`` (linkedin/Liger-Kernel @ 9497a29b79838b30a82f2174685afa65ff122f7c;
 liger-kernel 0.8.5 is the benchmarked version). The reference: per-response mean token log-prob
-(``average_log_prob=True``, issue 19 item 5) for policy and reference, ``-logsigmoid(beta * margin)``
+(``average_log_prob=True``) for policy and reference, ``-logsigmoid(beta * margin)``
 averaged over pairs, plus ``alpha * nll`` with ``compute_nll_loss`` (cross-entropy of the chosen
 responses, ``alpha = 1``) -> ours with ``length_normalize=True`` and ``rpo_alpha=1.0``. Liger's shape
 ``(3, 47, 31, 123)``, dtypes and tolerances; the large ``(8, 128, 1024, 4096)`` case is left out (CPU time).

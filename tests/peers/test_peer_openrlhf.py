@@ -5,7 +5,7 @@ deepspeed, the package imports flash-attn); here the same bodies call our drop-i
 OpenRLHF 0.11.2 wheel (``pip download openrlhf==0.11.2 --no-deps``), which ships ``tests/``:
 
 - ``tests/test_kl_estimator_gradient.py``: all 7 tests -> ``compute_approx_kl`` / ``KL_IS_WEIGHT_CLIP``
-  (``test_flag_off_matches_legacy`` is issue 19's item 6).
+  (``test_flag_off_matches_legacy`` checks the k3 form).
 - ``tests/test_loss_aggregation.py``: the 9 tests of ``PolicyLoss`` (the others test OpenRLHF's
   ``aggregate_loss`` / ``get_loss_batch_info`` / ``iter_grad_accum_global_norm`` helpers, which
   fastrlhf does not replace).

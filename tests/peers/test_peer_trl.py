@@ -11,7 +11,7 @@ Ported bodies (TRL's assertions and tolerances kept; CPU, small shapes, every fa
   ``TestSelectiveLogSoftmax``, ``TestEntropyFromLogits``. Their half-precision cases demand
   ``torch.equal`` with torch's bf16/fp16 ``log_softmax``; fastrlhf computes in fp32 and rounds once,
   so those cases assert instead that ours is at least as close to fp64 and within the measured
-  distance of TRL's bits (``docs/integrations.md``, item 8 of issue 19).
+  distance of TRL's bits (``docs/integrations.md``).
 """
 
 from unittest.mock import patch
@@ -57,7 +57,7 @@ class TestLogProbEntropy:
     )
     def test_forward_and_backward(self, dtype, logprob_weight, entropy_weight, use_mask):
         """trl tests/test_kernels.py::TestLogProbEntropy::test_forward_and_backward. Includes the in-place
-        edit ``logprobs[0, 2] = 0.0`` of a returned output (issue 19, item 1)."""
+        edit ``logprobs[0, 2] = 0.0`` of a returned output."""
         torch.manual_seed(0)
         vocab_size = 2053
         base_logits = torch.randn(2, 5, vocab_size, device=torch_device, dtype=dtype)

@@ -9,7 +9,7 @@ Sources: the verl 0.9.1 wheel (``pip download verl==0.9.1 --no-deps``), which sh
   ``test_kl_penalty_k3_plus_uses_k2_gradient`` -> ``kl_penalty``.
 - ``tests/utils/test_linear_cross_entropy.py`` (volcengine/verl @ 76f6ce7c493af0e3406d03b27fc858b89a2a11dc,
   CUDA-only there): its fp32-logits reference and tolerances, on CPU at small shapes, against
-  ``fastrlhf.linear_token_logprobs_and_entropy`` (issue 19, item 2).
+  ``fastrlhf.linear_token_logprobs_and_entropy``.
 Plus verl's label-shape and dtype conventions (items 3-4), with the verl source lines they follow.
 """
 
@@ -79,7 +79,7 @@ def test_kl_penalty_k3_plus_uses_k2_gradient():
     assert torch.allclose(grad_plus, grad_k2)
 
 
-# --- issue 19 items 3 and 4: verl's shapes and dtypes ---------------------------------------
+# --- verl's shapes and dtypes ---------------------------------------
 
 
 @pytest.mark.parametrize("backend", backends())
