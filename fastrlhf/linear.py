@@ -407,6 +407,8 @@ def linear_ppo_clip_loss(
     rollout_correction: Optional[str] = None,
     rollout_is_min: Optional[float] = None,
     rollout_is_max: Optional[float] = None,
+    support=None,
+    top_k: Optional[int] = None,
 ) -> tuple[torch.Tensor, Stats]:
     """:func:`fastrlhf.ppo_clip_loss` (Schulman et al. 2017, eq. 7) on ``hidden @ weight.T + bias``.
 
@@ -422,6 +424,8 @@ def linear_ppo_clip_loss(
     ``ratio_level="sequence"`` needs every token's logp of a sequence before any gradient, so it
     takes the two-pass route: 4 matmuls (the logits are recomputed chunk by chunk in backward),
     one ``[chunk, V]`` block at a time either way, like :func:`linear_dpo_loss`.
+    ``support`` / ``top_k`` (the sampler's kept set, as :func:`linear_token_logprobs`) also take the
+    two-pass route: logp and entropy over each row's kept set, gradients only there.
     """
     _no_process_group(process_group)
     if not isinstance(labels, torch.Tensor):
@@ -436,13 +440,13 @@ def linear_ppo_clip_loss(
     want_entropy = opts["entropy_coef"] > 0 or compute_entropy
     ref_logprobs = ref_logprobs if opts["kl_coef"] > 0 else None
     labels = mask_as_ignored(labels, mask, ignore_index)
-    token_local = opts["ratio_level"] == "token"
+    token_local = opts["ratio_level"] == "token" and support is None and top_k is None
     if token_local and _use_fused_ppo(hidden, weight, bias, (old_logprobs, advantages, ref_logprobs)):
         return _fused_ppo_clip_loss(hidden, weight, bias, labels, old_logprobs, advantages, ref_logprobs,
                                     rollout_logprobs, temperature, ignore_index, want_entropy, chunk_size, accum_dtype,
                                     backend, opts)
     logp, ent = _linear_forward(hidden, weight, bias, labels, temperature, ignore_index, want_entropy, chunk_size,
-                                accum_dtype, backend)
+                                accum_dtype, backend, support=support, top_k=top_k)
     return policy_loss_from_logprobs(logp, counted_tokens(labels, None, ignore_index), old_logprobs, advantages,
                                      entropy=ent, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, **opts)
 

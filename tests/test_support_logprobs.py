@@ -227,3 +227,31 @@ def test_linear_label_outside_support_is_a_value_error():
         fastrlhf.linear_token_logprobs(h, W, y_bad, top_k=2, chunk_size=2)
     with pytest.raises(ValueError, match="not both"):
         fastrlhf.linear_token_logprobs(h, W, y, support=(ids, off), top_k=2)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("loss", ["ppo", "grpo"])
+def test_linear_losses_take_the_support(backend, loss):
+    torch.manual_seed(6)
+    B, T, H, V = 2, 3, 8, 50
+    h = torch.randn(B, T, H, requires_grad=True)
+    W = torch.randn(V, H, requires_grad=True)
+    y = torch.randint(0, V, (B, T))
+    support = make_csr(B * T, V, y, [1, 4, 7])
+    old = torch.randn(B, T) * 0.1 - 1.0
+    adv = torch.randn(B, T)
+    if loss == "ppo":
+        out, _ = fastrlhf.linear_ppo_clip_loss(h, W, y, old, adv, support=support, backend=backend, chunk_size=2)
+    else:
+        out, _ = fastrlhf.linear_grpo_loss(h, W, y, old, adv, beta=0.0, support=support, backend=backend)
+    h64, W64 = (t.detach().double().requires_grad_() for t in (h, W))
+    lp = ref.linear_token_logprobs(h64, W64, y, support=support)
+    want, _ = ref.ppo_clip_loss_from_logprobs(lp, torch.ones(B, T, dtype=torch.bool), old.double(), adv.double())
+    torch.testing.assert_close(out.double(), want, atol=1e-6, rtol=1e-5)
+    g_h, g_w = torch.autograd.grad(out, (h, W))
+    w_h, w_w = torch.autograd.grad(want, (h64, W64))
+    torch.testing.assert_close(g_h.double(), w_h, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_w.double(), w_w, atol=1e-5, rtol=1e-5)
+    kept = torch.zeros(V, dtype=torch.bool)
+    kept[support[0]] = True
+    assert torch.all(g_w[~kept] == 0)  # vocabulary rows outside every kept set get no gradient
