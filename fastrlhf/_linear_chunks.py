@@ -435,6 +435,8 @@ class LinearTokenSeparableLoss(torch.autograd.Function):
         if dloss is None:
             return (None, None, None) + none
         w_dtype, b_dtype = ctx.param_dtypes
+        if bool(dloss == 1):  # loss.backward(): hand the buffers over (no [V, H] copy; cast only if needed)
+            return (dh, None if dW is None else dW.to(w_dtype), None if db is None else db.to(b_dtype)) + none
         # d(c * loss) = c * d(loss), scaled in fp32 (an fp16 upstream 65536 would be inf) and rounded
         # once into the parameters' dtype; out of place, so a retained graph keeps the unscaled values.
         scale = dloss.float()
