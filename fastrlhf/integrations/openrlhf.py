@@ -128,6 +128,20 @@ def _masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor], dim=None) -> tor
     return (x * mask).sum(dim=dim) / mask.sum(dim=dim)
 
 
+def _set_clip_options(loss, clip_eps_low, clip_eps_high, dual_clip, token_level_loss, policy_loss_type) -> None:
+    """The PPO / GSPO options both ``PolicyLoss`` APIs share, checked and stored on ``loss``."""
+    if policy_loss_type not in ("ppo", "gspo"):
+        raise ValueError(f"policy_loss_type must be 'ppo' or 'gspo', got {policy_loss_type!r}")
+    if dual_clip is not None and not dual_clip > 1.0:
+        raise ValueError(f"dual_clip must be > 1.0, got {dual_clip}")
+    loss.clip_eps_low = clip_eps_low
+    loss.clip_eps_high = clip_eps_high
+    loss.dual_clip = dual_clip
+    # GSPO's loss is per sequence (OpenRLHF forces it).
+    loss.token_level_loss = False if policy_loss_type == "gspo" else token_level_loss
+    loss.policy_loss_type = policy_loss_type
+
+
 class PolicyLoss(nn.Module):
     """OpenRLHF's ``PolicyLoss`` (openrlhf/models/loss.py, 0.11.2): PPO-clip / GSPO with IS correction.
 
@@ -158,10 +172,7 @@ class PolicyLoss(nn.Module):
         is_correction_threshold: list = (0.5, 5.0),
     ) -> None:
         super().__init__()
-        if policy_loss_type not in ("ppo", "gspo"):
-            raise ValueError(f"policy_loss_type must be 'ppo' or 'gspo', got {policy_loss_type!r}")
-        if dual_clip is not None and not dual_clip > 1.0:
-            raise ValueError(f"dual_clip must be > 1.0, got {dual_clip}")
+        _set_clip_options(self, clip_eps_low, clip_eps_high, dual_clip, token_level_loss, policy_loss_type)
         if is_correction_level not in {"off", "token", "seq"}:
             raise ValueError(f"is_correction_level must be off/token/seq, got {is_correction_level}")
         if is_correction_mode not in {"mask", "clip"}:
@@ -174,12 +185,6 @@ class PolicyLoss(nn.Module):
             )
         if is_correction_gating != "ratio" and is_correction_level != "off" and is_correction_threshold[0] > 0:
             raise ValueError(f"is_correction_gating={is_correction_gating} takes an upper bound only (a single delta)")
-        self.clip_eps_low = clip_eps_low
-        self.clip_eps_high = clip_eps_high
-        self.dual_clip = dual_clip
-        # GSPO's loss is per sequence (OpenRLHF forces it).
-        self.token_level_loss = False if policy_loss_type == "gspo" else token_level_loss
-        self.policy_loss_type = policy_loss_type
         self.is_correction_level = is_correction_level
         self.is_correction_mode = is_correction_mode
         self.is_correction_gating = is_correction_gating
@@ -328,18 +333,10 @@ class VllmISPolicyLoss(nn.Module):
         vllm_is_correction_type: str = "tis",
     ) -> None:
         super().__init__()
-        if policy_loss_type not in ("ppo", "gspo"):
-            raise ValueError(f"policy_loss_type must be 'ppo' or 'gspo', got {policy_loss_type!r}")
-        if dual_clip is not None and not dual_clip > 1.0:
-            raise ValueError(f"dual_clip must be > 1.0, got {dual_clip}")
+        _set_clip_options(self, clip_eps_low, clip_eps_high, dual_clip, token_level_loss, policy_loss_type)
         if vllm_is_correction_type not in VLLM_IS_CORRECTION_TYPES:
             raise ValueError(f"vllm_is_correction_type must be one of {VLLM_IS_CORRECTION_TYPES}, "
                              f"got {vllm_is_correction_type!r}")
-        self.clip_eps_low = clip_eps_low
-        self.clip_eps_high = clip_eps_high
-        self.dual_clip = dual_clip
-        self.token_level_loss = False if policy_loss_type == "gspo" else token_level_loss
-        self.policy_loss_type = policy_loss_type
         self.enable_vllm_is_correction = enable_vllm_is_correction
         self.vllm_is_truncated_threshold = vllm_is_truncated_threshold
         self.vllm_is_correction_type = vllm_is_correction_type
