@@ -22,6 +22,7 @@ GRPO_ARGS = ["--prompts-per-step", "4", "--group-size", "4", "--micro-batch-size
              "--no-progress", "--no-plot", "--save-every", "1"]
 # the normaliser case: completions of very different lengths on the two ranks' prompts
 NORM_PROMPTS = ["1+1=", "2+2=", "3+3=", "4+4="]
+NORM_ALGOS = ("grpo", "grpo-reinforce++", "ppo", "ppo-seq", "rft")
 NORM_COMPLETIONS = {"1+1=": ["2", "3"], "2+2=": ["4", "45"], "3+3=": ["612345", "6123456"],
                     "4+4=": ["81234567", "8123456"]}
 
@@ -40,35 +41,97 @@ def tiny():
     return tiny_causal_lm(len(tok), tokenizer=tok, hidden_size=32, num_layers=2, seed=0, device="cpu"), tok
 
 
-def normaliser_grads(kind: str):
-    """One GRPO update on a fixed rollout; the full gradients (before the optimizer step) by name."""
-    from fastrlhf.algos import GRPO, GRPOConfig
-    from fastrlhf.algos.batching import encode_completion, encode_prompt, pack_sequences
+# RFT's case: min_reward=1 keeps 3 of the 4 prompts' best completions, so the ranks keep 1 and 2
+RFT_REWARDS = {"1+1=": [1.0, 0.0], "2+2=": [0.0, 1.0], "3+3=": [0.0, 0.5], "4+4=": [1.0, 0.0]}
+
+
+def build(algo: str, kind: str, *, micro_batch_size: int = 8, grad_accum: int = 1):
+    """A tiny trainer of ``algo`` (one of NORM_ALGOS) on NORM_PROMPTS, 2 completions each."""
+    from fastrlhf.algos import GRPO, PPO, RFT, GRPOConfig, PPOConfig, RFTConfig
 
     model, tok = tiny()
     rows = [{"prompt": p} for p in NORM_PROMPTS]
-    cfg = GRPOConfig(prompts_per_step=4, group_size=2, micro_batch_size=8, gradient_accumulation_steps=1,
-                     num_inner_epochs=1, beta=0.04, lr=1e-3, progress=False, distributed=kind)
-    t = GRPO(model, tok, rows, lambda prompts, completions, **_: [0.0] * len(prompts), cfg)
+    common = dict(prompts_per_step=4, micro_batch_size=micro_batch_size, gradient_accumulation_steps=grad_accum,
+                  lr=1e-3, progress=False, distributed=kind)
+    reward = lambda prompts, completions, **_: [0.0] * len(prompts)  # noqa: E731  (the rollout is fixed)
+    if algo == "grpo":
+        return GRPO(model, tok, rows, reward, GRPOConfig(group_size=2, num_inner_epochs=1, beta=0.04, **common))
+    if algo == "grpo-reinforce++":  # advantages whitened over the whole rollout, with a KL reward
+        return GRPO(model, tok, rows, reward, GRPOConfig(group_size=2, num_inner_epochs=1, beta=0.0,
+                                                         advantage_estimator="reinforce++", reward_kl_coef=0.05,
+                                                         **common))
+    if algo in ("ppo", "ppo-seq"):  # actor + critic; a sequence-mean policy loss next to the token-mean value loss
+        return PPO(model, tok, rows, reward, PPOConfig(
+            samples_per_prompt=2, ppo_epochs=1, kl_coef=0.05, vf_coef=0.5, entropy_coef=0.01,
+            loss_agg="seq-mean-token-mean" if algo == "ppo-seq" else "token-mean", **common))
+    return RFT(model, tok, rows, reward, RFTConfig(samples_per_prompt=2, sft_epochs=1, min_reward=1.0, **common))
+
+
+def fix_rollout(t, algo: str):
+    """Replace ``t``'s sampling by NORM_COMPLETIONS with fixed rewards."""
+    from fastrlhf.algos.batching import encode_completion, encode_prompt, pack_sequences
 
     def fixed_rollout(rows, k, **_):
-        prompts = [encode_prompt(tok, r["prompt"]) for r in rows for _ in range(k)]
-        comps = [encode_completion(tok, c) for r in rows for c in NORM_COMPLETIONS[r["prompt"]]]
-        rewards = torch.tensor([1.0, 0.0] * len(rows))
+        prompts = [encode_prompt(t.tokenizer, r["prompt"]) for r in rows for _ in range(k)]
+        comps = [encode_completion(t.tokenizer, c) for r in rows for c in NORM_COMPLETIONS[r["prompt"]]]
+        if algo == "rft":
+            rewards = torch.tensor([x for r in rows for x in RFT_REWARDS[r["prompt"]]])
+        else:
+            rewards = torch.tensor([1.0, 0.0] * len(rows))
         return pack_sequences(prompts, comps, t.pad_id, t.device), rewards, comps
 
+    t.sample_and_score = fixed_rollout
+
+
+def normaliser_grads(kind: str, algo: str = "grpo", kept=None):
+    """One update on a fixed rollout; the full gradients (before the optimizer step) by name.
+
+    RFT: appends to ``kept`` the number of rows this rank kept (before they are dealt out)."""
+    t = build(algo, kind)
+    fix_rollout(t, algo)
+    if algo == "rft" and kind != "none":
+        deal_out = t._deal_out
+        t._deal_out = lambda batch, rows: kept.append(len(rows)) or deal_out(batch, rows)
     grads = {}
 
     def capture():
-        for n, p in t.model.named_parameters():
-            grads[n] = (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
+        for name, m in t.trainable_modules().items():
+            for n, p in m.named_parameters():
+                if p.grad is not None:
+                    grads[f"{name}.{n}"] = (p.grad.full_tensor() if hasattr(p.grad, "full_tensor")
+                                            else p.grad).detach().clone()
         return type(t).optimizer_step(t)
 
-    t.sample_and_score = fixed_rollout
     t.optimizer_step = capture
     t.optimizer = t.build_optimizer()
     t.train_step(t.engine.shard(t.rows_for_step(0)) if t.engine.world > 1 else t.rows_for_step(0))
     return grads
+
+
+def ddp_no_sync_case():
+    """PPO under DDP with 2 micro-batches per update: the buckets all-reduced in each update, the weights' digest."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    t = build("ppo", "ddp", micro_batch_size=4, grad_accum=2)
+    fix_rollout(t, "ppo")
+    updates, seen = [], []
+
+    def hook(state, bucket):
+        seen.append(bucket.index())
+        return allreduce_hook(state, bucket)
+
+    t.roots[id(t.model)].register_comm_hook(None, hook)
+
+    def record():
+        updates.append(list(seen))
+        seen.clear()
+        return type(t).optimizer_step(t)
+
+    t.optimizer_step = record
+    t.optimizer = t.build_optimizer()
+    t.train_step(t.engine.shard(t.rows_for_step(0)))
+    digest = [float(p.detach().double().sum()) for m in t.trainable_modules().values() for p in m.parameters()]
+    return {"updates": updates, "digest": digest}
 
 
 def linear_op_case(rank: int):
@@ -153,11 +216,15 @@ def main(out: str) -> None:
     res["grpo"] = {"calls": calls, "rewards": [h["reward"] for h in history],
                    "rows": [[r["prompt"] for r in g.rows_for_step(s)] for s in range(cfg.steps)]}
 
-    # 4. The loss normaliser over ranks, on both engines; 5. the fused-linear op on a sharded lm_head.
-    for kind in ("ddp", "fsdp2"):
-        grads = normaliser_grads(kind)
-        if rank == 0:
-            torch.save(grads, os.path.join(out, f"grads-{kind}.pt"))
+    # 4. The loss normalisers over ranks, on both engines (PPO: actor + critic; RFT: uneven kept rows);
+    # 5. the fused-linear op on a sharded lm_head; 6. DDP's no_sync over an update's micro-batches.
+    res["rft_kept"] = []
+    for algo in NORM_ALGOS:
+        for kind in ("ddp", "fsdp2"):
+            grads = normaliser_grads(kind, algo, res["rft_kept"])
+            if rank == 0:
+                torch.save(grads, os.path.join(out, f"grads-{algo}-{kind}.pt"))
+    res["no_sync"] = ddp_no_sync_case()
     res["linear"] = linear_op_case(rank)
     res.pop("run")
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:

@@ -265,7 +265,7 @@ def test_ppo_loss_falls_on_fixed_batch(tok, task):
     losses = []
     for _ in range(8):
         pg, _ = t.op("ppo_clip_loss", t.completion_hidden(t.model, batch), batch.labels, old, adv)
-        values = t.completion_values(batch)
+        values = t.completion_values(t.critic, batch)
         loss = pg + 0.5 * (((values - returns) ** 2) * m).sum() / m.sum()
         loss.backward()
         t.optimizer_step()

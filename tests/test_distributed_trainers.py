@@ -127,15 +127,37 @@ def test_grpo_groups_stay_on_one_rank_and_reward_rises(two):
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
-def test_loss_normaliser_is_the_global_token_count(two, kind):
+@pytest.mark.parametrize("algo", worker.NORM_ALGOS)
+def test_loss_normaliser_is_the_global_count(two, algo, kind):
+    """GRPO's token mean; PPO's policy + value terms (token-mean or sequence-mean policy loss next to the
+    token-mean value loss), its KL reward and the advantages whitened over the global rollout; RFT with
+    ranks keeping 2 and 1 completions. Each: the gradients of the one-process update."""
     out, _ = two
-    ref = worker.normaliser_grads("none")  # one process, the same 4 prompts x 2 completions
-    got = torch.load(out / f"grads-{kind}.pt")
+    ref = worker.normaliser_grads("none", algo)  # one process, the same 4 prompts x 2 completions
+    got = torch.load(out / f"grads-{algo}-{kind}.pt")
+    assert ref.keys() == got.keys()
+    if algo.startswith("ppo"):
+        assert any(k.startswith("critic.") for k in ref)
     for k, g in ref.items():
         assert float((got[k] - g).norm()) <= 1e-5 * float(g.norm()) + 1e-8, k
     # rank 0's completions are short, rank 1's long: a per-rank token mean would weigh them differently
     lengths = [sum(map(len, worker.NORM_COMPLETIONS[p])) for p in worker.NORM_PROMPTS]
     assert lengths[0] + lengths[1] < (lengths[2] + lengths[3]) / 3
+
+
+def test_rft_ranks_keep_different_numbers_of_rows(two):
+    _, res = two  # the case above really is uneven: 1 + 2 kept rows, on ddp and on fsdp2
+    assert sorted(r["rft_kept"][0] for r in res) == [1, 2]
+    assert [r["rft_kept"][0] for r in res] == [r["rft_kept"][1] for r in res]
+
+
+def test_ddp_all_reduces_once_per_update(two):
+    _, res = two
+    for r in res:
+        updates = r["no_sync"]["updates"]
+        assert len(updates) == 1 and updates[0]  # one update of 2 micro-batches
+        assert len(updates[0]) == len(set(updates[0]))  # each bucket all-reduced once: no_sync on the first
+    assert res[0]["no_sync"]["digest"] == res[1]["no_sync"]["digest"]  # and the ranks stayed in step
 
 
 def test_linear_op_on_a_sharded_lm_head(two):

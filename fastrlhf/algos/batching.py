@@ -8,7 +8,7 @@ every completion starts at the same column ``P`` and the hidden states that scor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -37,6 +37,14 @@ class SequenceBatch:
     @property
     def completion_mask(self) -> torch.Tensor:
         return self.labels != IGNORE_INDEX  # [B, R]
+
+    def token_lists(self, idx=None) -> Tuple[List[List[int]], List[List[int]]]:
+        """The prompt and completion token ids of rows ``idx`` (default: all): the inverse of :func:`pack_sequences`."""
+        rows = self if idx is None else self.select(idx)
+        P = rows.prompt_len
+        prompts = [ids[:P][m[:P].bool()].tolist() for ids, m in zip(rows.input_ids, rows.attention_mask)]
+        completions = [lab[lab != IGNORE_INDEX].tolist() for lab in rows.labels]
+        return prompts, completions
 
 
 def pack_sequences(

@@ -41,6 +41,7 @@ Implementation choices (and where they come from):
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -175,6 +176,14 @@ class Engine:
         self.cpu_offload = cpu_offload
         self.rank = rank()
         self.world = world_size()
+        self._depth = 0  # > 0 while a root forward runs (:meth:`call`)
+
+    def check_inside(self, what: str) -> None:
+        """RuntimeError unless a root forward is running (or there is no engine): a wrapped model
+        called from outside would skip DDP's gradient all-reduce or meet FSDP2's sharded parameters."""
+        if self.kind != "none" and self._depth == 0:
+            raise RuntimeError(f"{what} called outside the engine's root forward under {self.kind}: run it "
+                               "through Trainer.call / completion_forward so the engine's hooks fire")
 
     @property
     def is_main(self) -> bool:
@@ -252,23 +261,89 @@ class Engine:
         return root
 
     def call(self, root: Optional[nn.Module], model: nn.Module, fn, *args):
-        """``fn(model, *args)``, through ``root`` (the :meth:`wrap` of ``model``) when there is one."""
+        """``fn(model, *args)``, through ``root`` (the :meth:`wrap` of ``model`` or of a container
+        holding it) when there is one."""
         if root is None:
             return fn(model, *args)
-        out = root(fn, *args)
+        self._depth += 1
+        try:
+            out = root(lambda _root_module, *a: fn(model, *a), *args)
+        finally:
+            self._depth -= 1
         if self.kind == "fsdp2" and not torch.is_grad_enabled():
             root.reshard()  # FSDP2 keeps the root gathered after a forward, waiting for a backward that won't come
         return out
 
-    def full_state_dict(self, root: nn.Module) -> Optional[Dict[str, torch.Tensor]]:
-        """The wrapped model's full state dict on rank 0's CPU (None on the other ranks); a collective."""
+    def no_sync(self, root: Optional[nn.Module], skip: bool):
+        """DDP's ``no_sync()`` when ``skip`` (a micro-batch that is not the last of its update), else nothing.
+
+        Gradients then accumulate locally and are all-reduced once per update (DDP's own
+        recipe for gradient accumulation). FSDP2 keeps reduce-scattering every micro-batch:
+        skipping it would hold the full unsharded gradients, the memory FSDP exists to save.
+        """
+        if skip and self.kind == "ddp" and root is not None:
+            return root.no_sync()
+        return contextlib.nullcontext()
+
+    def full_state_dict(self, root: nn.Module, prefix: str = "model.") -> Optional[Dict[str, torch.Tensor]]:
+        """The wrapped model's full state dict on rank 0's CPU (None on the other ranks); a collective.
+
+        Only the entries under ``prefix`` (RootForward's ``model.``; ``model.policy.`` where the
+        root holds several modules), with the prefix removed.
+        """
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         sd = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.is_main:
             return None
-        prefix = "model."  # RootForward's attribute
-        return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+        return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+    def on_all_rows(self, fn, *tensors: Optional[torch.Tensor]):
+        """``fn(*tensors)`` computed on every rank's rows at once; this rank's rows of each result.
+
+        For the statistics a rollout's advantages take over the whole batch (PPO's whitening,
+        REINFORCE's batch-mean baseline, REINFORCE++'s global whitening): the same numbers as
+        one process with the global batch. Each tensor is ``[b, ...]`` (None passes through);
+        ``[b, T]`` tensors whose ``T`` differs across ranks (right-padded completions) are
+        zero-padded to the longest ``T``, and 2-D results are cut back to this rank's ``T``.
+        Rows are small (``[B, R]`` floats), so they travel by ``all_gather_object``.
+        """
+        if self.world == 1:
+            return fn(*tensors)
+        local = [None if t is None else t.detach().cpu() for t in tensors]
+        boxes: List[Any] = [None] * self.world
+        dist.all_gather_object(boxes, local)
+        rows = [next(p.shape[0] for p in box if p is not None) for box in boxes]
+        glob = []
+        for i, t in enumerate(tensors):
+            if t is None:
+                glob.append(None)
+                continue
+            parts = [box[i] for box in boxes]
+            if t.dim() == 2:
+                width = max(p.shape[1] for p in parts)
+                parts = [torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts]
+            glob.append(torch.cat(parts).to(t.device))
+        out = fn(*glob)
+        start = sum(rows[: self.rank])
+        stop = start + rows[self.rank]
+
+        def cut(r: torch.Tensor) -> torch.Tensor:
+            r = r[start:stop]
+            if r.dim() == 2:
+                width = next((t.shape[1] for t in tensors if t is not None and t.dim() == 2), r.shape[1])
+                r = r[:, :width]
+            return r
+
+        return tuple(cut(r) for r in out) if isinstance(out, tuple) else cut(out)
+
+    def gather(self, items: Sequence[Any]) -> List[Any]:
+        """Every rank's ``items`` (picklable), concatenated in rank order, on every rank."""
+        if self.world == 1:
+            return list(items)
+        boxes: List[Any] = [None] * self.world
+        dist.all_gather_object(boxes, list(items))
+        return [x for box in boxes for x in box]
 
     # -- checkpoints -----------------------------------------------------------------------
 

@@ -45,7 +45,8 @@ import torch
 import fastrlhf
 
 from .rewards import RewardFn
-from .trainer import RolloutConfig, RolloutTrainer, check_config, check_rollout_fits_updates
+from .rollout import RolloutConfig, RolloutTrainer
+from .trainer import check_config, check_rollout_fits_updates
 
 
 @dataclass
@@ -127,7 +128,9 @@ class GRPO(RolloutTrainer):
         if self.needs_reference:
             with self.reference() as ref:
                 ref_logp = self.completion_logprobs(ref, batch, c.temperature)
-        advantages = self.advantages(rewards, batch.completion_mask, old_logp, ref_logp)  # [B * G, R]
+        # batch statistics (REINFORCE's baseline, REINFORCE++'s whitening) over every rank's rows
+        advantages = self.engine.on_all_rows(self.advantages, rewards, batch.completion_mask.float(), old_logp,
+                                             ref_logp)  # [B * G, R]
 
         # 3. num_inner_epochs passes of clipped updates.
         def loss_fn(idx: torch.Tensor):
@@ -146,9 +149,10 @@ class GRPO(RolloutTrainer):
         out = self.run_updates(len(batch), loss_fn, epochs=c.num_inner_epochs,
                                norm=tokens if c.loss_agg == "token-mean" else None)
         groups = rewards.view(-1, G)
+        everyone = torch.tensor(self.engine.gather(rewards.tolist()))
         out.update(
             reward=float(rewards.mean()),
-            reward_std=float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            reward_std=float(everyone.std()) if everyone.numel() > 1 else 0.0,  # over every rank's rewards
             frac_zero_std_groups=float((groups.std(-1) == 0).float().mean()),
             completion_len=float(batch.completion_mask.sum(-1).float().mean()),
             tokens=float(batch.attention_mask.sum()),

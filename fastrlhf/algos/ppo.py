@@ -52,7 +52,8 @@ import fastrlhf
 from .batching import micro_batches
 from .models import apply_lora, forward_hidden, unwrap_model
 from .rewards import RewardFn, reward_model_fn
-from .trainer import RolloutConfig, RolloutTrainer, check_config, check_rollout_fits_updates
+from .rollout import RolloutConfig, RolloutTrainer
+from .trainer import check_config, check_rollout_fits_updates
 
 
 @dataclass
@@ -137,7 +138,6 @@ class PPO(RolloutTrainer):
     """
 
     name = "ppo"
-    distributed_ok = False  # its loss still calls the decoder directly (no engine root forward yet)
 
     def __init__(self, model, tokenizer, dataset: Sequence[Mapping[str, Any]], reward_fn: Optional[RewardFn] = None,
                  config: Optional[PPOConfig] = None, *, reward_model=None, reward_tokenizer=None,
@@ -159,18 +159,20 @@ class PPO(RolloutTrainer):
             critic.decoder = apply_lora(critic.decoder, config, task_type=None)
         if reward_model is not None:
             reward_fn = reward_model_fn(reward_model, reward_tokenizer or tokenizer)
+        # set before the base class wraps the trainable modules (actor and critic share one engine root)
+        self.critic = critic.to(next(model.parameters()).device).train() if critic is not None else None
         super().__init__(model, tokenizer, config, dataset, reward_fn)
-        self.critic = critic.to(self.device).train() if critic is not None else None
 
     def trainable_modules(self) -> Dict[str, nn.Module]:
         if self.critic is None:
             return {"policy": self.model}
         return {"policy": self.model, "critic": self.critic}
 
-    def completion_values(self, batch) -> torch.Tensor:
-        """Critic values ``[B, R]`` at the positions that predict each completion token."""
+    def completion_values(self, critic, batch) -> torch.Tensor:
+        """``critic``'s values ``[B, R]`` at the positions that predict each completion token (call it
+        inside the engine's root forward: :meth:`call`)."""
         P, R = batch.prompt_len, batch.labels.shape[1]
-        return self.critic(batch.input_ids, batch.attention_mask)[:, P - 1 : P - 1 + R]
+        return critic(batch.input_ids, batch.attention_mask)[:, P - 1 : P - 1 + R]
 
     def train_step(self, rows: List[Mapping[str, Any]]) -> Dict[str, float]:
         c, S = self.config, self.config.samples_per_prompt
@@ -189,45 +191,58 @@ class PPO(RolloutTrainer):
             old_values = None
             if self.critic is not None:
                 old_values = torch.cat([
-                    self.completion_values(batch.select(sl)) for sl in micro_batches(len(batch), c.micro_batch_size)
+                    self.call(self.critic, self.completion_values, batch.select(sl))
+                    for sl in micro_batches(len(batch), c.micro_batch_size)
                 ]) * mask  # [B, R]
 
             # 3. Advantages from per-token rewards: the k1 KL penalty on every token (kl_penalty="reward"),
-            # the score on the last one.
+            # the score on the last one; batch statistics over every rank's rows (engine.on_all_rows).
             kl_k1 = torch.zeros_like(old_logp)
-            kl = {}
+            kl = ref_logp is not None and c.kl_penalty == "reward"
             if ref_logp is not None:
                 kl_k1 = fastrlhf.kl_estimate(old_logp, ref_logp, "k1") * mask
-                if c.kl_penalty == "reward":
-                    kl = dict(logprobs=old_logp, ref_logprobs=ref_logp, kl_coef=c.kl_coef, kl_estimator="k1")
-            advantages, returns = fastrlhf.estimate_advantages(
-                c.advantage_estimator, scores, mask, group_size=S, values=old_values, gamma=c.gamma, lam=c.lam, **kl)
-            if c.advantage_estimator == "gae" and c.whiten_advantages:
-                advantages = fastrlhf.masked_whiten(advantages, mask)
+
+            def estimate(scores, mask, old_values, old_logp, ref_logp):
+                kw = dict(logprobs=old_logp, ref_logprobs=ref_logp, kl_coef=c.kl_coef, kl_estimator="k1") if kl else {}
+                advantages, returns = fastrlhf.estimate_advantages(
+                    c.advantage_estimator, scores, mask, group_size=S, values=old_values, gamma=c.gamma, lam=c.lam,
+                    **kw)
+                if c.advantage_estimator == "gae" and c.whiten_advantages:
+                    advantages = fastrlhf.masked_whiten(advantages, mask)
+                return advantages, returns
+
+            advantages, returns = self.engine.on_all_rows(estimate, scores, mask, old_values, old_logp,
+                                                          ref_logp if kl else None)
 
         # 4. ppo_epochs passes of clipped actor + critic updates.
         kl_loss = c.kl_penalty == "loss" and c.kl_coef > 0
 
         def loss_fn(idx: torch.Tensor):
             mb = batch.select(idx)
+
+            def forward(hidden, op):  # inside the engine's root forward: actor and critic in one call
+                pg = op("ppo_clip_loss", hidden, mb.labels, old_logp[idx], advantages[idx],
+                        clip_low=c.clip_low, clip_high=c.clip_high, entropy_coef=c.entropy_coef,
+                        ref_logprobs=ref_logp[idx] if kl_loss else None, kl_coef=c.kl_coef if kl_loss else 0.0,
+                        kl_estimator="k3", temperature=c.temperature, loss_agg=c.loss_agg, compute_entropy=True)
+                return pg, None if self.critic is None else self.completion_values(self.critic, mb)  # [b, R]
+
             with self.autocast():
-                hidden = self.completion_hidden(self.model, mb)  # [b, R, H]
-                pg_loss, stats = self.op(
-                    "ppo_clip_loss", hidden, mb.labels, old_logp[idx], advantages[idx],
-                    clip_low=c.clip_low, clip_high=c.clip_high, entropy_coef=c.entropy_coef,
-                    ref_logprobs=ref_logp[idx] if kl_loss else None, kl_coef=c.kl_coef if kl_loss else 0.0,
-                    kl_estimator="k3", temperature=c.temperature, loss_agg=c.loss_agg, compute_entropy=True,
-                )
-                values = self.completion_values(mb) if self.critic is not None else None  # [b, R]
+                (pg_loss, stats), values = self.completion_forward(self.model, mb, forward)
             out = {("kl_loss" if key == "kl" else key): v for key, v in stats.items()}
             if values is None:
                 return pg_loss, {"pg_loss": pg_loss.detach(), **out}
             vf_loss, vf_stats = fastrlhf.clipped_value_loss(values, old_values[idx], returns[idx], mask[idx],
                                                             clip=c.cliprange_value)
             out.update(pg_loss=pg_loss.detach(), vf_loss=vf_loss.detach(), vf_clipfrac=vf_stats["clipfrac"])
-            return pg_loss + c.vf_coef * vf_loss, out
+            return (pg_loss, c.vf_coef * vf_loss), out
 
-        out = self.run_updates(len(batch), loss_fn, epochs=c.ppo_epochs)
+        def counts(idx: torch.Tensor):  # what each term is a mean over (the global normalisers on several ranks)
+            tokens = int(mask[idx].sum())
+            pg = tokens if c.loss_agg == "token-mean" else len(idx)
+            return pg if self.critic is None else (pg, tokens)
+
+        out = self.run_updates(len(batch), loss_fn, epochs=c.ppo_epochs, norm=counts)
         non_score = -c.kl_coef * kl_k1.sum(-1) if kl else torch.zeros_like(scores)  # [B] KL part of the reward
         out.update(
             reward=float(scores.mean()),

@@ -20,6 +20,12 @@ Implementation choices (and where they come from):
 4. Updates: ``micro_batch_size`` kept completions per forward, an optimizer step every
    ``gradient_accumulation_steps`` micro-batches (and at the end of a pass), each update's loss
    being the token-mean over its own tokens.
+5. Several processes: the ranks keep different numbers of completions, but must run the same
+   number of forwards (DDP's all-reduce, FSDP2's all-gathers). The kept completions of every
+   rank are gathered (token ids, in rank order: the one-process order of the global batch) and
+   dealt out again in equal contiguous shares; the ``world - K % world`` missing rows are
+   copies of the first kept one with no counted token (zero loss and gradient). Every rank then
+   runs the same micro-batches, and the token-mean is global (``Trainer.run_updates``).
 """
 
 from __future__ import annotations
@@ -29,9 +35,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from .batching import IGNORE_INDEX
+from .batching import IGNORE_INDEX, SequenceBatch, pack_sequences
 from .rewards import RewardFn
-from .trainer import RolloutConfig, RolloutTrainer, check_config
+from .rollout import RolloutConfig, RolloutTrainer
+from .trainer import check_config
 
 
 @dataclass
@@ -57,7 +64,6 @@ class RFT(RolloutTrainer):
     """
 
     name = "rft"
-    distributed_ok = False  # each rank keeps a different number of samples, hence of micro-batches
     needs_reference = False
 
     def __init__(self, model, tokenizer, dataset: Sequence[Mapping[str, Any]], reward_fn: RewardFn,
@@ -77,20 +83,21 @@ class RFT(RolloutTrainer):
         if c.min_reward is not None:
             keep &= best_reward >= c.min_reward
         kept = (torch.arange(len(rows), device=self.device) * n + best)[keep]  # rows of the batch to imitate
-        data = batch.select(kept)
+        data = batch.select(kept) if self.engine.world == 1 else self._deal_out(batch, kept)
 
         def loss_fn(idx: torch.Tensor):
             mb = data.select(idx)
-            with self.autocast():
-                hidden = self.completion_hidden(self.model, mb)  # [b, R, H]
-                logp = self.op("token_logprobs", hidden, mb.labels)  # [b, R], 0 on padding
+            with self.autocast():  # hidden [b, R, H]; logp [b, R], 0 on padding
+                logp = self.completion_forward(self.model, mb, lambda hidden, op: op("token_logprobs", hidden, mb.labels))
             return -logp.sum() / mb.completion_mask.sum().clamp_min(1), {}
 
-        def tokens(idx: torch.Tensor) -> int:
-            return max(1, int((data.labels[idx] != IGNORE_INDEX).sum()))
+        def tokens(idx: torch.Tensor) -> int:  # 0 only for a micro-batch of the padding rows of _deal_out
+            return int((data.labels[idx] != IGNORE_INDEX).sum()) if self.engine.world > 1 else \
+                max(1, int((data.labels[idx] != IGNORE_INDEX).sum()))
 
         # units are tokens: each update's loss is the token-mean NLL over the update
-        out = self.run_updates(len(data), loss_fn, epochs=c.sft_epochs, units=tokens)  # empty when nothing kept
+        out = self.run_updates(0 if data is None else len(data), loss_fn, epochs=c.sft_epochs,
+                               units=tokens)  # empty when nothing was kept (on any rank)
         out.update(
             reward=float(rewards.mean()),
             best_reward=float(best_reward.mean()),
@@ -99,3 +106,18 @@ class RFT(RolloutTrainer):
             tokens=float(batch.attention_mask.sum()),
         )
         return out
+
+    def _deal_out(self, batch: SequenceBatch, kept: torch.Tensor) -> Optional[SequenceBatch]:
+        """This rank's equal share of every rank's kept rows (None when no rank kept any); see 5."""
+        local = [(p, c) for p, c in zip(*batch.token_lists(kept))]
+        everyone = self.engine.gather(local)  # rank order: the global batch's order
+        if not everyone:
+            return None
+        share = -(-len(everyone) // self.engine.world)
+        padding = [(everyone[0][0], [])] * (share * self.engine.world - len(everyone))  # no counted token
+        mine = (everyone + padding)[self.engine.rank * share : (self.engine.rank + 1) * share]
+        data = pack_sequences([p for p, _ in mine], [c or [self.pad_id] for _, c in mine], self.pad_id, self.device)
+        empty = torch.tensor([not c for _, c in mine], device=self.device)
+        data.labels[empty] = IGNORE_INDEX
+        return data
+

@@ -31,7 +31,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from .rewards import RewardFn
-from .trainer import RolloutConfig, RolloutTrainer, check_config
+from .rollout import RolloutConfig, RolloutTrainer
+from .trainer import check_config
 
 
 @dataclass

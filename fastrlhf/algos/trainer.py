@@ -1,4 +1,5 @@
-"""The Trainer base every algorithm extends: config, data order, rollouts, the one update loop, checkpoints.
+"""The Trainer base every algorithm extends: config, data order, the one update loop, checkpoints
+(rollouts: :mod:`fastrlhf.algos.rollout`).
 
 Implementation choices (and where they come from):
 
@@ -22,7 +23,9 @@ Implementation choices (and where they come from):
    ``torch.cuda.max_memory_allocated`` on GPU and the process's peak RSS on CPU.
 7. Several processes (``distributed="ddp"`` / ``"fsdp2"`` under torchrun or accelerate launch):
    every model call runs through the engine's root forward, the config's batch is global and
-   split over ranks, and rank 0 alone writes (:mod:`fastrlhf.algos.engine`).
+   split over ranks, and rank 0 alone writes (:mod:`fastrlhf.algos.engine`). Several
+   trainable modules (PPO's actor and critic) share one root: one DDP reducer, one FSDP2 root,
+   one optimizer, one distributed checkpoint.
 """
 
 from __future__ import annotations
@@ -41,11 +44,9 @@ import numpy as np
 import torch
 
 from . import memory
-from .batching import SequenceBatch, cut_at_eos, encode_completion, encode_prompt, micro_batches, pack_sequences
-from .data import prompt_text
+from .batching import SequenceBatch, micro_batches
 from .engine import Engine, barrier
 from .models import apply_lora, check_fusable, forward_hidden, freeze, head_op, output_head
-from .rewards import RewardFn, call_reward_fn
 from .runstate import (  # noqa: F401  (re-exported: these names have always lived here)
     all_checkpoints,
     check_config,
@@ -115,20 +116,9 @@ class TrainConfig:
     """adamw | adafactor | adamw_8bit (bitsandbytes)."""
 
 
-@dataclass
-class RolloutConfig(TrainConfig):
-    """Fields of the algorithms that sample from the policy every step (GRPO, PPO, RRHF, RFT)."""
-
-    prompts_per_step: int = 16
-    """Prompts sampled per step."""
-    max_new_tokens: int = 64
-    """Longest completion sampled."""
-    temperature: float = 1.0
-    """Sampling temperature (GRPO and PPO score their logprobs at the same one; RRHF, RFT at 1)."""
-    generation_batch_size: Optional[int] = None
-    """Prompts per generate call (None: all of the step's prompts at once)."""
-    max_prompt_length: Optional[int] = None
-    """Prompts longer than this keep their last tokens (None: no limit)."""
+def _counts(n) -> Tuple[float, ...]:
+    """A normaliser count, or a tuple of them (one per loss term), as a tuple."""
+    return tuple(float(c) for c in n) if isinstance(n, (tuple, list)) else (float(n),)
 
 
 # ----------------------------------------------------------------------------------------
@@ -146,7 +136,6 @@ class Trainer:
 
     name = "train"
     needs_reference = True
-    distributed_ok = True  # False where ranks would run different numbers of forwards (RFT)
 
     def __init__(self, model, tokenizer, config: TrainConfig, dataset: Sequence[Mapping[str, Any]]):
         if config.micro_batch_size < 1 or config.gradient_accumulation_steps < 1:
@@ -164,9 +153,6 @@ class Trainer:
         self.engine = Engine(config.distributed, device=self.device, cpu_offload=config.cpu_offload,
                              param_dtype=memory.compute_dtype(config, self.device))
         check_config(config, one_of=dict(optim=memory.OPTIMIZERS))
-        if self.engine.world > 1 and not self.distributed_ok:
-            raise NotImplementedError(f"{self.name} runs in one process only: its ranks would run different "
-                                      "numbers of forward passes")
         # The reference is the initial policy: copied before any adapter is added (and before any wrapping).
         self.ref_model = None
         if self.needs_reference and config.lora_r <= 0:
@@ -177,10 +163,20 @@ class Trainer:
         self.model.train()
         self.scaler = memory.grad_scaler(config, self.device)
         # Root modules every call of a model goes through (none in one process; fastrlhf.algos.engine).
+        # With several trainable modules (PPO's actor and critic) one container is the root: one DDP
+        # reducer / one FSDP2 root, and one forward per micro-batch runs both.
         self.roots: Dict[int, torch.nn.Module] = {}
+        self._root_prefix = "model."
         if self.engine.kind != "none":
             self.engine.local_count(config.micro_batch_size, "micro_batch_size")
-            self.roots[id(self.model)] = self.engine.wrap(self.model)
+            trainable = self.trainable_modules()
+            if len(trainable) > 1:
+                root = self.engine.wrap(torch.nn.ModuleDict(trainable))
+                self._root_prefix = "model.policy."
+            else:
+                root = self.engine.wrap(self.model)
+            for module in trainable.values():
+                self.roots[id(module)] = root
             if self.ref_model is not None:
                 self.roots[id(self.ref_model)] = self.engine.wrap(self.ref_model, trainable=False)
             self.engine.seed_rank(config.seed)
@@ -200,9 +196,6 @@ class Trainer:
         params = [p for m in self.trainable_modules().values() for p in m.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
-        if self.engine.kind != "none" and set(self.trainable_modules()) != {"policy"}:
-            raise NotImplementedError(f"{self.name} with several trainable modules "
-                                      f"({sorted(self.trainable_modules())}) runs in one process only")
         return memory.make_optimizer(params, self.config)
 
     def _params(self) -> List[torch.nn.Parameter]:
@@ -258,11 +251,14 @@ class Trainer:
 
     def completion_hidden(self, model, batch: SequenceBatch) -> torch.Tensor:
         """Hidden states ``[B, R, H]`` whose next-token predictions score the completion tokens."""
+        self.engine.check_inside("completion_hidden")
         hidden = forward_hidden(model, batch.input_ids, batch.attention_mask)  # [B, P + R, H]
         P, R = batch.prompt_len, batch.labels.shape[1]
         return hidden[:, P - 1 : P - 1 + R]  # [B, R, H]
 
     def op(self, name: str, hidden: torch.Tensor, *args, model=None, **kwargs):
+        """The fastrlhf op ``name`` on ``hidden`` and the lm_head of ``model`` (default: the policy)."""
+        self.engine.check_inside("Trainer.op")
         weight, bias = output_head(self.model if model is None else model)
         return head_op(name, hidden, weight, bias, *args, fused=self.config.fused_linear, **kwargs)
 
@@ -276,93 +272,6 @@ class Trainer:
                 out[sl] = self.completion_forward(model, mb, lambda hidden, op, labels=mb.labels: op(
                     "token_logprobs", hidden, labels, temperature=temperature))
         return out
-
-    # -- rollouts -------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def generate(self, prompt_ids: Sequence[Sequence[int]], *, num_samples: int, max_new_tokens: int,
-                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, do_sample: bool = True,
-                 ) -> List[List[int]]:
-        """``num_samples`` completions per prompt (consecutive), each cut after its first eos."""
-        from transformers import GenerationConfig
-
-        batch = pack_sequences(prompt_ids, [[]] * len(prompt_ids), self.pad_id, self.device)
-        P = batch.prompt_len
-        ids = batch.input_ids[:, :P].repeat_interleave(num_samples, 0)  # [B * G, P]
-        attn = batch.attention_mask[:, :P].repeat_interleave(num_samples, 0)
-        eos = self.tokenizer.eos_token_id
-        gen = GenerationConfig(
-            do_sample=do_sample, temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
-            top_k=top_k if do_sample else None, max_new_tokens=max_new_tokens,
-            pad_token_id=self.pad_id, eos_token_id=eos, bos_token_id=self.tokenizer.bos_token_id,
-        )
-        # FSDP2: a rank that finished keeps stepping so that the layers' all-gathers stay matched
-        synced = self.engine.kind == "fsdp2"
-        step = (self.config.generation_batch_size or len(prompt_ids)) * num_samples
-        was_training = self.model.training
-        self.model.eval()
-        out = []
-        try:
-            for sl in micro_batches(ids.shape[0], step):
-                with self.autocast():
-                    gen_ids = self.call(self.model, lambda m, i, a: m.generate(
-                        input_ids=i, attention_mask=a, generation_config=gen, synced_gpus=synced), ids[sl], attn[sl])
-                out += [cut_at_eos(row, eos, self.pad_id) for row in gen_ids[:, P:].tolist()]
-        finally:
-            self.model.train(was_training)
-        return out
-
-    def sample_and_score(self, rows: Sequence[Mapping[str, Any]], k: int, *, max_new_tokens: int,
-                         temperature: float, reward_fn: Optional[RewardFn], offline: bool = False,
-                         ) -> Tuple[SequenceBatch, torch.Tensor, List[List[int]]]:
-        """``k`` responses per row and their rewards: the rollout of every online algorithm.
-
-        Responses are sampled from the current policy, or with ``offline=True`` taken from a
-        row's ``"responses"`` (RRHF's offline rankings), and scored by ``reward_fn`` (TRL's
-        call), or with ``offline=True`` by the row's ``"scores"``. Returns the packed
-        ``[B * k]`` batch (the ``k`` responses of a row are consecutive), the ``[B * k]`` fp32
-        rewards and the completion token ids.
-        """
-        tok = self.tokenizer
-        prompts = [prompt_text(r, tok) for r in rows]
-        prompt_ids = [encode_prompt(tok, p) for p in prompts]
-        if getattr(self.config, "max_prompt_length", None) is not None:
-            prompt_ids = [p[-self.config.max_prompt_length:] for p in prompt_ids]
-        completions: List[Optional[List[int]]] = [None] * (len(rows) * k)
-        texts: List[Optional[str]] = [None] * (len(rows) * k)
-        given = [i for i, r in enumerate(rows) if offline and "responses" in r]
-        for i in given:
-            if len(rows[i]["responses"]) != k:
-                raise ValueError(f"row {i} has {len(rows[i]['responses'])} responses; samples_per_prompt is {k}")
-            for j, resp in enumerate(rows[i]["responses"]):
-                completions[i * k + j] = encode_completion(tok, resp)
-                texts[i * k + j] = resp
-        to_sample = [i for i in range(len(rows)) if i not in given]
-        if to_sample:
-            sampled = self.generate([prompt_ids[i] for i in to_sample], num_samples=k,
-                                    max_new_tokens=max_new_tokens, temperature=temperature)
-            decoded = tok.batch_decode(sampled, skip_special_tokens=True)
-            for n, i in enumerate(to_sample):
-                for j in range(k):
-                    completions[i * k + j] = sampled[n * k + j]
-                    texts[i * k + j] = decoded[n * k + j]
-        rewards = torch.zeros(len(rows) * k, dtype=torch.float32, device=self.device)
-        unscored = []
-        for i, r in enumerate(rows):
-            if offline and "scores" in r:
-                if len(r["scores"]) != k:
-                    raise ValueError(f"row {i} has {len(r['scores'])} scores for {k} responses")
-                rewards[i * k : (i + 1) * k] = torch.as_tensor([float(s) for s in r["scores"]])
-            else:
-                unscored += range(i * k, (i + 1) * k)
-        if unscored:
-            if reward_fn is None:
-                raise ValueError("rows without 'scores' need a reward_fn")
-            rewards[unscored] = call_reward_fn(
-                reward_fn, [prompts[n // k] for n in unscored], [texts[n] for n in unscored],
-                [completions[n] for n in unscored], [rows[n // k] for n in unscored], self.device)
-        batch = pack_sequences([p for p in prompt_ids for _ in range(k)], completions, self.pad_id, self.device)
-        return batch, rewards, completions
 
     # -- the update loop ------------------------------------------------------------------
 
@@ -410,6 +319,10 @@ class Trainer:
         On several ranks, ``n`` is per rank, ``micro_batch_size`` is divided by the world size and
         each loss is also scaled by ``world * n_r / sum_r n_r``, ``n_r = norm(idx)`` the count it
         is a mean over (default: its units): the global mean (:mod:`fastrlhf.algos.engine`, 4).
+        A loss made of terms with different normalisers (PPO: a sequence-mean policy loss plus a
+        token-mean value loss) is returned as a tuple of terms, with ``norm`` returning a tuple of
+        their counts: each term gets its own global scale. Under DDP the gradients of an
+        update's micro-batches accumulate locally and are all-reduced once (``no_sync``).
 
         Returned: ``loss`` and every stat averaged over micro-batches (stats named ``num_*``
         are dropped: counts, not means), and ``grad_norm`` (the pre-clip norm of each update,
@@ -420,6 +333,7 @@ class Trainer:
         if world > 1:
             mbs = self.engine.local_count(mbs, "micro_batch_size")
         accum = self.config.gradient_accumulation_steps
+        root = self.roots.get(id(self.model))
         sums: Dict[str, float] = {}
         count = 0
         for _ in range(epochs if n > 0 else 0):
@@ -431,14 +345,25 @@ class Trainer:
                 total = sum(sizes)
                 scales = None
                 if world > 1:  # one all-reduce per update: global unit and normaliser counts
-                    norms = [size if norm is None else norm(idx) for idx, size in zip(update, sizes)]
-                    glob = self.engine.all_sum(sizes + norms)
-                    gsizes, gnorms, total = glob[: len(update)], glob[len(update):], sum(glob[: len(update)])
-                    scales = [world * nr / max(gn, 1e-30) * gs / total for nr, gn, gs in zip(norms, gnorms, gsizes)]
+                    norms = [_counts(size if norm is None else norm(idx)) for idx, size in zip(update, sizes)]
+                    glob = self.engine.all_sum(sizes + [c for counts in norms for c in counts])
+                    gsizes, total = glob[: len(update)], max(sum(glob[: len(update)]), 1e-30)
+                    gnorms = iter(glob[len(update):])
+                    scales = [[world * nr / max(next(gnorms), 1e-30) * gs / total for nr in counts]
+                              for counts, gs in zip(norms, gsizes)]
                 for i, (idx, size) in enumerate(zip(update, sizes)):
-                    loss, stats = loss_fn(idx)
-                    scaled = loss / (total / size) if scales is None else loss * scales[i]
-                    (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
+                    with self.engine.no_sync(root, skip=i < len(update) - 1):
+                        loss, stats = loss_fn(idx)
+                        terms = loss if isinstance(loss, (tuple, list)) else (loss,)
+                        loss = sum(terms)
+                        if scales is None:
+                            scaled = loss / (total / size)
+                        else:
+                            if len(terms) != len(scales[i]):
+                                raise ValueError(f"loss_fn returned {len(terms)} loss terms but norm counted "
+                                                 f"{len(scales[i])}")
+                            scaled = sum(t * sc for t, sc in zip(terms, scales[i]))
+                        (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
                     for key, v in {"loss": loss.detach(), **stats}.items():
                         if not key.startswith("num_"):
                             sums[key] = sums.get(key, 0.0) + float(v)
@@ -570,28 +495,10 @@ class Trainer:
         """The policy (``save_pretrained``) and tokenizer; under an engine rank 0 writes the gathered full state."""
         state = None
         if self.engine.kind != "none":
-            state = self.engine.full_state_dict(self.roots[id(self.model)])  # a collective: every rank calls it
+            # a collective: every rank calls it
+            state = self.engine.full_state_dict(self.roots[id(self.model)], self._root_prefix)
         if self.engine.is_main:
             self.model.save_pretrained(path, **({} if state is None else {"state_dict": state}))
             self.tokenizer.save_pretrained(path)
         barrier()
         return path
-
-
-class RolloutTrainer(Trainer):
-    """A trainer whose step samples from the policy for ``prompts_per_step`` rows, scored by ``reward_fn``.
-
-    ``reward_fn(prompts=, completions=, completion_ids=, **columns) -> [float]`` (TRL's call);
-    None only where rows carry their own scores (``reward_fn_required=False``).
-    """
-
-    def __init__(self, model, tokenizer, config: RolloutConfig, dataset: Sequence[Mapping[str, Any]],
-                 reward_fn: Optional[RewardFn], *, reward_fn_required: bool = True):
-        if (reward_fn is not None or reward_fn_required) and not callable(reward_fn):
-            raise TypeError("reward_fn must be callable")
-        super().__init__(model, tokenizer, config, dataset)
-        self.reward_fn = reward_fn
-
-    @property
-    def rows_per_step(self) -> int:
-        return self.config.prompts_per_step
