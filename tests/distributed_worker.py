@@ -17,6 +17,9 @@ import torch.distributed as dist
 # the CLI runs of both halves of the test (the one-process half adds nothing)
 CLI_COMMON = ["--steps", "2", "--seed", "0", "--warmup-steps", "0", "--task-max-operand", "6",
               "--micro-batch-size", "8", "--no-progress", "--no-plot"]
+LORA = ["--lora-r", "4"]
+PPO_ARGS = ["--steps", "1", "--seed", "0", "--warmup-steps", "100", "--task-max-operand", "6", "--prompts-per-step", "4",
+            "--micro-batch-size", "4", "--max-new-tokens", "3", "--no-progress", "--no-plot"]
 GRPO_ARGS = ["--prompts-per-step", "4", "--group-size", "4", "--micro-batch-size", "8", "--grad-accum", "2",
              "--max-new-tokens", "2", "--seed", "0", "--warmup-steps", "0", "--task-max-operand", "6",
              "--no-progress", "--no-plot", "--save-every", "1"]
@@ -190,6 +193,11 @@ def main(out: str) -> None:
             cli_run(os.path.join(out, res["run"]), algo, *CLI_COMMON, "--distributed", kind)
     res["run"] = "dpo-fsdp2-offload"  # FSDP2's CPUOffloadPolicy
     cli_run(os.path.join(out, res["run"]), "dpo", *CLI_COMMON, "--distributed", "fsdp2", "--cpu-offload")
+    for algo in ("dpo", "rm"):  # LoRA: the adapters (dpo) and the merged export (rm) from FSDP2 shards
+        res["run"] = f"{algo}-lora"
+        cli_run(os.path.join(out, res["run"]), algo, *CLI_COMMON, *LORA, "--distributed", "fsdp2")
+    # PPO (actor + critic in one root) through the CLI: its final/ is the policy alone
+    cli_run(os.path.join(out, "ppo-fsdp2"), "ppo", *PPO_ARGS, "--distributed", "fsdp2")
 
     # 2. FSDP2 checkpoint + --resume against an uninterrupted run (GRPO: sampling RNG included).
     cli_run(os.path.join(out, "grpo-full"), "grpo", *GRPO_ARGS, "--steps", "4", "--distributed", "fsdp2")

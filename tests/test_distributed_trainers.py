@@ -58,6 +58,7 @@ def one(tmp_path_factory):
             worker.cli_run(str(out / algo), algo, *worker.CLI_COMMON)
         finally:
             cls.train_step = orig
+        worker.cli_run(str(out / f"{algo}-lora"), algo, *worker.CLI_COMMON, *worker.LORA)
     return out, rows
 
 
@@ -98,6 +99,33 @@ def test_two_processes_end_with_the_one_process_weights(two, one, algo, kind):
     # rank 0 alone wrote: one metrics line per step, one run directory
     assert [m["step"] for m in metrics(out2 / f"{algo}-{kind}")] == [1, 2]
     assert (out2 / f"{algo}-{kind}" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("algo, file", [("dpo", "adapter_model.safetensors"), ("rm", "model.safetensors")])
+def test_lora_on_fsdp2_exports_the_one_process_weights(two, one, algo, file):
+    """LoRA under FSDP2: rank 0's adapter initialisation on every shard, and the export from the gathered
+    state (the policy's adapters; the reward model merged into a plain checkpoint)."""
+    from safetensors.torch import load_file
+
+    (out2, _), (out1, _) = two, one
+    w1, w2 = (load_file(d / f"{algo}-lora" / "final" / file) for d in (out1, out2))
+    assert w1.keys() == w2.keys() and len(w1) > 0
+    if algo == "dpo":
+        assert all("lora_" in k for k in w1)
+    else:
+        assert not any("lora_" in k for k in w1)  # merged
+    for k in w1:
+        assert float((w2[k] - w1[k]).norm()) <= 1e-5 * float(w1[k].norm()) + 1e-7, k
+    assert [m["step"] for m in metrics(out2 / f"{algo}-lora")] == [1, 2]
+
+
+def test_ppo_on_fsdp2_exports_the_policy(two):
+    out, _ = two
+    final, init = weights(out / "ppo-fsdp2")
+    assert final.keys() == init.keys()  # the policy's own keys: no critic, no wrapper prefix
+    assert any(not torch.equal(final[k], init[k]) for k in final)
+    assert [m["step"] for m in metrics(out / "ppo-fsdp2")] == [1]
+    assert metrics(out / "ppo-fsdp2")[0]["vf_loss"] > 0 and metrics(out / "ppo-fsdp2")[0]["grad_norm"] > 0
 
 
 def test_fsdp2_resume_is_bit_for_bit(two):

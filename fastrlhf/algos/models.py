@@ -124,6 +124,24 @@ def apply_lora(model, config, task_type: Optional[str] = "CAUSAL_LM"):
     return get_peft_model(model, lora)
 
 
+def merged_lora_copy(model, state_dict):
+    """A CPU copy of the peft ``model`` holding ``state_dict`` (its full state, e.g. gathered from
+    FSDP2 shards) with the adapters merged in: a plain transformers model to ``save_pretrained``.
+
+    The copy is rebuilt from the base model's class and config (a wrapped or sharded model can't
+    be deep-copied), given the same adapters, loaded strictly and merged by peft itself.
+    """
+    import copy
+
+    from peft import get_peft_model
+
+    base = unwrap_model(model)
+    fresh = get_peft_model(type(base)(copy.deepcopy(base.config)),
+                           copy.deepcopy(model.peft_config[model.active_adapter]))
+    fresh.load_state_dict(state_dict, strict=True)
+    return fresh.merge_and_unload()
+
+
 def head_op(name: str, hidden: torch.Tensor, weight: torch.Tensor, bias, *args, fused: bool, **kwargs):
     """Call op ``name`` (e.g. ``"grpo_loss"``) on the lm_head output of ``hidden [..., H]``.
 

@@ -48,7 +48,8 @@ from torch import nn
 import fastrlhf
 
 from .data import preference_texts, prompt_text
-from .models import apply_lora, attn_implementation, forward_hidden, unwrap_model
+from .engine import barrier
+from .models import apply_lora, attn_implementation, forward_hidden, merged_lora_copy, unwrap_model
 from .rewards import RewardFn
 from .trainer import TrainConfig, Trainer, check_config
 
@@ -343,14 +344,21 @@ class RewardModel(Trainer):
     def save_pretrained(self, path: str) -> str:
         """Write the reward model (LoRA merged) and tokenizer as a sequence-classification checkpoint."""
         model = self.model
+        lora = unwrap_model(model) is not model
         if self.engine.kind != "none":
-            if unwrap_model(model) is not model:
-                raise NotImplementedError("save_pretrained of a LoRA reward model runs in one process only")
-            model.config.pad_token_id = self.pad_id
-            return super().save_pretrained(path)
-        if unwrap_model(model) is not model:  # peft: merge the adapters into a copy
+            if not lora:
+                model.config.pad_token_id = self.pad_id
+                return super().save_pretrained(path)
+            state = self.engine.full_state_dict(self.roots[id(model)])  # a collective: every rank calls it
+            if not self.engine.is_main:
+                barrier()
+                return path
+            model = merged_lora_copy(model, state)  # peft: the adapters merged into a rebuilt copy
+        elif lora:  # peft: merge the adapters into a copy
             model = copy.deepcopy(model).merge_and_unload()
         model.config.pad_token_id = self.pad_id
         model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+        if self.engine.kind != "none":
+            barrier()
         return path

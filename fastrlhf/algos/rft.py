@@ -88,7 +88,8 @@ class RFT(RolloutTrainer):
         def loss_fn(idx: torch.Tensor):
             mb = data.select(idx)
             with self.autocast():  # hidden [b, R, H]; logp [b, R], 0 on padding
-                logp = self.completion_forward(self.model, mb, lambda hidden, op: op("token_logprobs", hidden, mb.labels))
+                logp = self.completion_forward(self.model, mb,
+                                               lambda hidden, op: op("token_logprobs", hidden, mb.labels))
             return -logp.sum() / mb.completion_mask.sum().clamp_min(1), {}
 
         def tokens(idx: torch.Tensor) -> int:  # 0 only for a micro-batch of the padding rows of _deal_out
