@@ -134,7 +134,7 @@ def _restore_args(args: argparse.Namespace) -> argparse.Namespace:
 
 def _absolute_paths(args: argparse.Namespace) -> None:
     """Local paths in ``args`` made absolute, hub ids resolved to their cached snapshot (``file.py:fn`` too)."""
-    for key in ("output_dir", "resume"):
+    for key in ("output_dir", "resume", "deepspeed_config"):
         if getattr(args, key, None):
             setattr(args, key, os.path.abspath(getattr(args, key)))
     for key, kind in (("model", "model"), ("reward_model", "model"), ("dataset", "dataset"),
@@ -430,7 +430,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         return {}
 
     summary = summarize(args.algo, history, before, after, elapsed, trainer.step - start_step, config)
-    summary.update(output_dir=args.output_dir, final_model=final)
+    summary.update(output_dir=args.output_dir, final_model=final, engine=trainer.engine.kind,
+                   processes=trainer.engine.world)
     if tensorboard is not None:
         tensorboard.close()
     if not args.no_plot and history:

@@ -69,11 +69,12 @@ ALIASES = {"gradient_accumulation_steps": ("--grad-accum",)}
 
 def _choices() -> Dict[str, Dict[str, tuple]]:
     """Restricted string fields: algorithm ('*': all) -> field -> choices, from the package's own tuples."""
+    from .algos.engine import ENGINES
     from .algos.grpo import GRPO_ADVANTAGE_ESTIMATORS
     from .algos.memory import OPTIMIZERS
     from .algos.ppo import PPO_ADVANTAGE_ESTIMATORS
 
-    return {"*": dict(optim=tuple(OPTIMIZERS), distributed=("auto", "none", "ddp", "fsdp2"),
+    return {"*": dict(optim=tuple(OPTIMIZERS), distributed=ENGINES,
                       dtype=("auto", "float32", "bfloat16", "float16")),
             "dpo": dict(loss_type=("sigmoid", "hinge", "ipo", "robust")),
             "grpo": dict(advantage_estimator=GRPO_ADVANTAGE_ESTIMATORS),

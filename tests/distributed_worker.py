@@ -7,6 +7,7 @@ scenario in one process group and writes ``OUT/rank<r>.json`` (plus the runs' di
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -18,8 +19,8 @@ import torch.distributed as dist
 CLI_COMMON = ["--steps", "2", "--seed", "0", "--warmup-steps", "0", "--task-max-operand", "6",
               "--micro-batch-size", "8", "--no-progress", "--no-plot"]
 LORA = ["--lora-r", "4"]
-PPO_ARGS = ["--steps", "1", "--seed", "0", "--warmup-steps", "100", "--task-max-operand", "6", "--prompts-per-step", "4",
-            "--micro-batch-size", "4", "--max-new-tokens", "3", "--no-progress", "--no-plot"]
+PPO_ARGS = ["--steps", "1", "--seed", "0", "--warmup-steps", "100", "--task-max-operand", "6",
+            "--prompts-per-step", "4", "--micro-batch-size", "4", "--max-new-tokens", "3", "--no-progress", "--no-plot"]
 GRPO_ARGS = ["--prompts-per-step", "4", "--group-size", "4", "--micro-batch-size", "8", "--grad-accum", "2",
              "--max-new-tokens", "2", "--seed", "0", "--warmup-steps", "0", "--task-max-operand", "6",
              "--no-progress", "--no-plot", "--save-every", "1"]
@@ -28,6 +29,22 @@ NORM_PROMPTS = ["1+1=", "2+2=", "3+3=", "4+4="]
 NORM_ALGOS = ("grpo", "grpo-reinforce++", "ppo", "ppo-seq", "rft")
 NORM_COMPLETIONS = {"1+1=": ["2", "3"], "2+2=": ["4", "45"], "3+3=": ["612345", "6123456"],
                     "4+4=": ["81234567", "8123456"]}
+
+
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+# ZeRO-3 with every parameter partitioned (DeepSpeed keeps parameters under 1e5 elements whole by default)
+DS_CONFIG = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+
+
+def engine_args(kind: str, out: str):
+    """The CLI flags of engine ``kind`` (``deepspeed``: with DS_CONFIG written under ``out``)."""
+    if kind != "deepspeed":
+        return ["--distributed", kind]
+    path = os.path.join(out, "ds_config.json")
+    if not os.path.exists(path):
+        with open(path, "w") as f:
+            json.dump(DS_CONFIG, f)
+    return ["--distributed", "deepspeed", "--deepspeed-config", path]
 
 
 def cli_run(out: str, algo: str, *argv: str):
@@ -48,14 +65,18 @@ def tiny():
 RFT_REWARDS = {"1+1=": [1.0, 0.0], "2+2=": [0.0, 1.0], "3+3=": [0.0, 0.5], "4+4=": [1.0, 0.0]}
 
 
-def build(algo: str, kind: str, *, micro_batch_size: int = 8, grad_accum: int = 1):
+KINDS = ("ddp", "fsdp2") + (("deepspeed",) if HAS_DEEPSPEED else ())
+
+
+def build(algo: str, kind: str, *, micro_batch_size: int = 8, grad_accum: int = 1, out: str = ""):
     """A tiny trainer of ``algo`` (one of NORM_ALGOS) on NORM_PROMPTS, 2 completions each."""
     from fastrlhf.algos import GRPO, PPO, RFT, GRPOConfig, PPOConfig, RFTConfig
 
     model, tok = tiny()
     rows = [{"prompt": p} for p in NORM_PROMPTS]
     common = dict(prompts_per_step=4, micro_batch_size=micro_batch_size, gradient_accumulation_steps=grad_accum,
-                  lr=1e-3, progress=False, distributed=kind)
+                  lr=1e-3, progress=False, distributed=kind,
+                  deepspeed_config=engine_args(kind, out)[-1] if kind == "deepspeed" else None)
     reward = lambda prompts, completions, **_: [0.0] * len(prompts)  # noqa: E731  (the rollout is fixed)
     if algo == "grpo":
         return GRPO(model, tok, rows, reward, GRPOConfig(group_size=2, num_inner_epochs=1, beta=0.04, **common))
@@ -86,11 +107,11 @@ def fix_rollout(t, algo: str):
     t.sample_and_score = fixed_rollout
 
 
-def normaliser_grads(kind: str, algo: str = "grpo", kept=None):
+def normaliser_grads(kind: str, algo: str = "grpo", kept=None, out: str = ""):
     """One update on a fixed rollout; the full gradients (before the optimizer step) by name.
 
     RFT: appends to ``kept`` the number of rows this rank kept (before they are dealt out)."""
-    t = build(algo, kind)
+    t = build(algo, kind, out=out)
     fix_rollout(t, algo)
     if algo == "rft" and kind != "none":
         deal_out = t._deal_out
@@ -100,13 +121,21 @@ def normaliser_grads(kind: str, algo: str = "grpo", kept=None):
     def capture():
         for name, m in t.trainable_modules().items():
             for n, p in m.named_parameters():
-                if p.grad is not None:
-                    grads[f"{name}.{n}"] = (p.grad.full_tensor() if hasattr(p.grad, "full_tensor")
-                                            else p.grad).detach().clone()
+                if kind == "deepspeed":  # ZeRO-3 keeps gradients in its partitions
+                    from deepspeed.utils import safe_get_full_grad
+
+                    g = safe_get_full_grad(p)
+                elif p.grad is None:
+                    continue
+                else:
+                    g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                if g is not None:
+                    grads[f"{name}.{n}"] = g.detach().clone()
         return type(t).optimizer_step(t)
 
     t.optimizer_step = capture
-    t.optimizer = t.build_optimizer()
+    if t.optimizer is None:  # DeepSpeed built it with the engine
+        t.optimizer = t.build_optimizer()
     t.train_step(t.engine.shard(t.rows_for_step(0)) if t.engine.world > 1 else t.rows_for_step(0))
     return grads
 
@@ -188,9 +217,9 @@ def main(out: str) -> None:
 
         cls.train_step = spy
     for algo in ("dpo", "rm"):
-        for kind in ("ddp", "fsdp2"):
+        for kind in KINDS:
             res["run"] = f"{algo}-{kind}"
-            cli_run(os.path.join(out, res["run"]), algo, *CLI_COMMON, "--distributed", kind)
+            cli_run(os.path.join(out, res["run"]), algo, *CLI_COMMON, *engine_args(kind, out))
     res["run"] = "dpo-fsdp2-offload"  # FSDP2's CPUOffloadPolicy
     cli_run(os.path.join(out, res["run"]), "dpo", *CLI_COMMON, "--distributed", "fsdp2", "--cpu-offload")
     for algo in ("dpo", "rm"):  # LoRA: the adapters (dpo) and the merged export (rm) from FSDP2 shards
@@ -206,6 +235,13 @@ def main(out: str) -> None:
 
     cli.train(cli.build_parser().parse_args(["train", "grpo", "--resume", os.path.join(out, "grpo-resumed"),
                                              "--steps", "4", "--no-progress"]))
+    if HAS_DEEPSPEED:  # the same with DeepSpeed's own checkpoints
+        ds = engine_args("deepspeed", out)
+        cli_run(os.path.join(out, "grpo-full-deepspeed"), "grpo", *GRPO_ARGS, "--steps", "4", *ds)
+        cli_run(os.path.join(out, "grpo-resumed-deepspeed"), "grpo", *GRPO_ARGS, "--steps", "2", *ds)
+        cli.train(cli.build_parser().parse_args(["train", "grpo", "--resume",
+                                                 os.path.join(out, "grpo-resumed-deepspeed"), "--steps", "4",
+                                                 "--no-progress"]))
 
     # 3. GRPO on DDP: the prompts each rank's reward function saw, and the reward curve.
     model, tok = tiny()
@@ -228,8 +264,8 @@ def main(out: str) -> None:
     # 5. the fused-linear op on a sharded lm_head; 6. DDP's no_sync over an update's micro-batches.
     res["rft_kept"] = []
     for algo in NORM_ALGOS:
-        for kind in ("ddp", "fsdp2"):
-            grads = normaliser_grads(kind, algo, res["rft_kept"])
+        for kind in KINDS:
+            grads = normaliser_grads(kind, algo, res["rft_kept"], out)
             if rank == 0:
                 torch.save(grads, os.path.join(out, f"grads-{algo}-{kind}.pt"))
     res["no_sync"] = ddp_no_sync_case()

@@ -23,6 +23,9 @@ spec.loader.exec_module(worker)
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 TIMING = ("tokens_per_s", "step_time_s", "peak_mem_mb")
+# DeepSpeed runs where it is installed (.ci/run installs it: DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed)
+needs_ds = pytest.mark.skipif(not worker.HAS_DEEPSPEED, reason="deepspeed is not installed")
+DS = pytest.param("deepspeed", marks=needs_ds)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +77,8 @@ def metrics(run: Path):
 
 
 @pytest.mark.parametrize("algo, kind", [("dpo", "ddp"), ("dpo", "fsdp2"), ("rm", "ddp"), ("rm", "fsdp2"),
-                                       ("dpo", "fsdp2-offload")])
+                                       ("dpo", "fsdp2-offload"), pytest.param("dpo", "deepspeed", marks=needs_ds),
+                                       pytest.param("rm", "deepspeed", marks=needs_ds)])
 def test_two_processes_end_with_the_one_process_weights(two, one, algo, kind):
     (out2, res), (out1, rows1) = two, one
     w1, init = weights(out1 / algo)
@@ -128,10 +132,12 @@ def test_ppo_on_fsdp2_exports_the_policy(two):
     assert metrics(out / "ppo-fsdp2")[0]["vf_loss"] > 0 and metrics(out / "ppo-fsdp2")[0]["grad_norm"] > 0
 
 
-def test_fsdp2_resume_is_bit_for_bit(two):
+@pytest.mark.parametrize("kind", ["fsdp2", DS])
+def test_resume_is_bit_for_bit(two, kind):
     out, _ = two
-    full, resumed = out / "grpo-full", out / "grpo-resumed"
-    assert (resumed / "checkpoint-4" / "dcp").is_dir()
+    suffix, sub = ("", "dcp") if kind == "fsdp2" else ("-deepspeed", "deepspeed")
+    full, resumed = out / f"grpo-full{suffix}", out / f"grpo-resumed{suffix}"
+    assert (resumed / "checkpoint-4" / sub).is_dir()
     assert {p.name for p in (resumed / "checkpoint-4").glob("rng-*.pt")} == {"rng-0.pt", "rng-1.pt"}
     assert json.loads((resumed / "summary.json").read_text())["steps_this_run"] == 2  # resumed at step 2
     a, b = weights(full)[0], weights(resumed)[0]
@@ -154,7 +160,7 @@ def test_grpo_groups_stay_on_one_rank_and_reward_rises(two):
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.2
 
 
-@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2", DS])
 @pytest.mark.parametrize("algo", worker.NORM_ALGOS)
 def test_loss_normaliser_is_the_global_count(two, algo, kind):
     """GRPO's token mean; PPO's policy + value terms (token-mean or sequence-mean policy loss next to the
@@ -235,3 +241,32 @@ def test_accelerate_launch_fsdp2_matches_one_process(one, tmp_path):
     w1, w2 = weights(out1 / "dpo")[0], weights(tmp_path / "run")[0]
     assert all(float((w2[k] - w1[k]).norm() / w1[k].norm()) <= 1e-5 for k in w1)
     assert len(metrics(tmp_path / "run")) == 2
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["engine"], summary["processes"]) == ("fsdp2", 2)
+
+
+ACCELERATE_DEEPSPEED_CONFIG = """compute_environment: LOCAL_MACHINE
+distributed_type: DEEPSPEED
+deepspeed_config:
+  zero_stage: 3
+num_machines: 1
+num_processes: 2
+mixed_precision: 'no'
+"""
+
+
+@needs_ds
+@pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="accelerate is not installed")
+def test_accelerate_launch_with_a_deepspeed_config_matches_one_process(one, tmp_path):
+    """accelerate's DEEPSPEED config (ZeRO-3) and no --distributed flag: the engine is DeepSpeed's."""
+    out1, _ = one
+    (tmp_path / "acc.yaml").write_text(ACCELERATE_DEEPSPEED_CONFIG)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "acc.yaml"),
+                        "-m", "fastrlhf", "train", "dpo", *worker.CLI_COMMON, "--output-dir", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=600, env=env, cwd=HERE.parent)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["engine"], summary["processes"]) == ("deepspeed", 2)
+    w1, w2 = weights(out1 / "dpo")[0], weights(tmp_path / "run")[0]
+    assert all(float((w2[k] - w1[k]).norm() / w1[k].norm()) <= 1e-5 for k in w1)

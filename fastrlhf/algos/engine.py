@@ -1,6 +1,7 @@
-"""The trainers on several processes: DDP or FSDP2 (``fully_shard``), launched by torchrun or accelerate.
+"""The trainers on several processes: DDP, FSDP2 (``fully_shard``) or DeepSpeed ZeRO
+(:mod:`fastrlhf.algos.deepspeed_engine`), launched by torchrun or accelerate.
 
-    torchrun --nproc_per_node 2 $(which fastrlhf) train dpo --distributed ddp      # or fsdp2
+    torchrun --nproc_per_node 2 $(which fastrlhf) train dpo --distributed ddp      # or fsdp2, deepspeed
     accelerate launch --num_processes 2 -m fastrlhf train dpo --distributed fsdp2
 
 Implementation choices (and where they come from):
@@ -39,6 +40,13 @@ Implementation choices (and where they come from):
    (``StateDictOptions(full_state_dict=True, cpu_offload=True)``).
 7. Rank 0 alone writes metrics, plots, summaries and run directories; metrics are the mean of
    each rank's step statistics (``tokens`` summed).
+8. Several trainable modules (PPO's actor and critic) are wrapped as one ``ModuleDict`` root,
+   and one root forward runs both: one DDP reducer, one FSDP2 root, one DeepSpeed engine.
+9. Gradient accumulation: DDP's ``no_sync()`` on all but an update's last micro-batch (one
+   all-reduce per update); DeepSpeed's ``set_gradient_accumulation_boundary``; FSDP2
+   reduce-scatters each micro-batch (holding unsharded gradients would cost the memory it saves).
+10. Batch statistics of a rollout (advantage whitening, REINFORCE baselines) are computed on
+    every rank's rows at once (:meth:`Engine.on_all_rows`), as one process would.
 """
 
 from __future__ import annotations
@@ -52,7 +60,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-ENGINES = ("auto", "none", "ddp", "fsdp2")
+ENGINES = ("auto", "none", "ddp", "fsdp2", "deepspeed")
 
 
 def launched_world_size() -> int:
@@ -67,6 +75,8 @@ def resolve_engine(kind: Optional[str]) -> str:
         raise ValueError(f"distributed must be one of {ENGINES}, got {kind!r}")
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else launched_world_size()
     if kind == "auto":
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":  # accelerate launch, DEEPSPEED config
+            return "deepspeed"
         return "ddp" if world > 1 else "none"
     if kind == "none" and world > 1:
         raise ValueError(f"launched with WORLD_SIZE={world} but distributed='none': every rank would train on the "
@@ -86,7 +96,11 @@ def local_device(device: Optional[str] = None) -> torch.device:
 def init_distributed(kind: Optional[str], device: Optional[torch.device] = None) -> str:
     """Resolve ``kind`` and start the default process group if it needs one (idempotent)."""
     kind = resolve_engine(kind)
-    if kind != "none" and not dist.is_initialized():
+    if kind == "deepspeed" and not dist.is_initialized():
+        from .deepspeed_engine import init_process_group
+
+        init_process_group(device)
+    elif kind != "none" and not dist.is_initialized():
         on_cuda = device is not None and torch.device(device).type == "cuda"
         if on_cuda:
             torch.cuda.set_device(torch.device(device))
@@ -162,16 +176,21 @@ def decoder_layers(model: nn.Module) -> List[nn.Module]:
 class Engine:
     """One process's view of the job: its rank, the world, and how models are wrapped.
 
-    ``kind``: ``none`` (one process, models left as they are), ``ddp`` or ``fsdp2``.
-    ``param_dtype``: FSDP2's compute dtype (None: the parameters' own). ``cpu_offload``:
-    FSDP2's ``CPUOffloadPolicy``.
+    ``kind``: ``none`` (one process, models left as they are), ``ddp``, ``fsdp2`` or
+    ``deepspeed`` (:mod:`fastrlhf.algos.deepspeed_engine`). ``param_dtype``: FSDP2's compute
+    dtype (None: the parameters' own). ``cpu_offload``: FSDP2's ``CPUOffloadPolicy``.
+    ``deepspeed``: ``path`` (a DeepSpeed config file or None), ``micro_batch_size`` (per rank),
+    ``max_grad_norm``.
     """
 
     def __init__(self, kind: str = "none", *, device: Optional[torch.device] = None,
-                 param_dtype: Optional[torch.dtype] = None, cpu_offload: bool = False):
+                 param_dtype: Optional[torch.dtype] = None, cpu_offload: bool = False,
+                 deepspeed: Optional[Mapping[str, Any]] = None):
         self.kind = init_distributed(kind, device)
+        self.deepspeed = dict(deepspeed or {})
         if cpu_offload and self.kind != "fsdp2":
-            raise ValueError("cpu_offload needs distributed='fsdp2' (FSDP2's CPUOffloadPolicy); "
+            raise ValueError("cpu_offload needs distributed='fsdp2' (FSDP2's CPUOffloadPolicy; with DeepSpeed, put "
+                             "offload_param / offload_optimizer in --deepspeed-config); "
                              "one process: torchrun --nproc_per_node 1 ... --distributed fsdp2 --cpu-offload")
         self.device = device
         self.param_dtype = param_dtype
@@ -235,15 +254,25 @@ class Engine:
 
     # -- models ----------------------------------------------------------------------------
 
-    def wrap(self, model: nn.Module, *, trainable: bool = True) -> Optional[nn.Module]:
+    def wrap(self, model: nn.Module, *, trainable: bool = True, optimizer=None) -> Optional[nn.Module]:
         """The root module to run ``model`` through (None for ``none``: call the model directly).
 
         DDP wraps only a trainable model (a frozen replica needs no gradient sync); FSDP2 shards
-        both, layer by layer and then the root.
+        both, layer by layer and then the root; DeepSpeed partitions both (``optimizer``: the
+        trainable model's, built before and wrapped by DeepSpeed).
         """
         if self.kind == "none":
             return None
         root = RootForward(model)
+        if self.kind == "deepspeed":
+            from . import deepspeed_engine
+
+            if trainable and optimizer is None:
+                raise ValueError("distributed='deepspeed' wraps a trainable model together with its optimizer")
+            cfg = deepspeed_engine.ds_config(self.deepspeed.get("path"), trainable=trainable,
+                                             micro_batch_size=self.deepspeed.get("micro_batch_size", 1),
+                                             max_grad_norm=self.deepspeed.get("max_grad_norm"))
+            return deepspeed_engine.initialize(root, model, cfg, optimizer if trainable else None)
         if self.kind == "ddp":
             if not trainable:
                 return root
@@ -275,23 +304,41 @@ class Engine:
             return fn(model, *args)
         self._depth += 1
         try:
-            out = root(lambda _root_module, *a: fn(model, *a), *args)
+            # a 1-tuple: DeepSpeed's forward hooks walk the output and accept only tensors or containers
+            out = root(lambda _root_module, *a: (fn(model, *a),), *args)[0]
         finally:
             self._depth -= 1
         if self.kind == "fsdp2" and not torch.is_grad_enabled():
             root.reshard()  # FSDP2 keeps the root gathered after a forward, waiting for a backward that won't come
         return out
 
-    def no_sync(self, root: Optional[nn.Module], skip: bool):
-        """DDP's ``no_sync()`` when ``skip`` (a micro-batch that is not the last of its update), else nothing.
+    def micro_batch(self, root: Optional[nn.Module], last: bool):
+        """The context of one micro-batch's forward and backward; ``last``: the last of its update.
 
-        Gradients then accumulate locally and are all-reduced once per update (DDP's own
-        recipe for gradient accumulation). FSDP2 keeps reduce-scattering every micro-batch:
-        skipping it would hold the full unsharded gradients, the memory FSDP exists to save.
+        DDP: ``no_sync()`` on all but the last, so gradients accumulate locally and are
+        all-reduced once per update (DDP's own recipe for gradient accumulation). DeepSpeed:
+        ``set_gradient_accumulation_boundary(last)``. FSDP2 keeps reduce-scattering every
+        micro-batch: skipping it would hold the full unsharded gradients, the memory FSDP
+        exists to save.
         """
-        if skip and self.kind == "ddp" and root is not None:
+        if root is not None and self.kind == "ddp" and not last:
             return root.no_sync()
+        if root is not None and self.kind == "deepspeed":
+            root.set_gradient_accumulation_boundary(last)
         return contextlib.nullcontext()
+
+    def backward(self, root: Optional[nn.Module], loss: torch.Tensor) -> None:
+        """``loss.backward()``; DeepSpeed: ``engine.backward(loss, scale_wrt_gas=False)`` (the scaling is ours)."""
+        if root is not None and self.kind == "deepspeed":
+            root.backward(loss, scale_wrt_gas=False)
+        else:
+            loss.backward()
+
+    def step(self, root: nn.Module) -> torch.Tensor:
+        """DeepSpeed's ``engine.step()`` (clip, update, zero the gradients); returns the pre-clip norm."""
+        root.step()
+        norm = root.get_global_grad_norm()
+        return torch.tensor(float("nan") if norm is None else float(norm))
 
     def full_state_dict(self, root: nn.Module, prefix: str = "model.") -> Optional[Dict[str, torch.Tensor]]:
         """The wrapped model's full state dict on rank 0's CPU (None on the other ranks); a collective.
@@ -299,9 +346,14 @@ class Engine:
         Only the entries under ``prefix`` (RootForward's ``model.``; ``model.policy.`` where the
         root holds several modules), with the prefix removed.
         """
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        if self.kind == "deepspeed":
+            from .deepspeed_engine import full_state_dict
 
-        sd = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            sd = full_state_dict(root, self.is_main)
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            sd = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.is_main:
             return None
         return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
@@ -362,8 +414,11 @@ class Engine:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         os.makedirs(path, exist_ok=True)
-        msd, osd = get_state_dict(root, optimizer)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(path, "dcp"))
+        if self.kind == "deepspeed":  # DeepSpeed's own checkpoint: each rank writes its partitions
+            root.save_checkpoint(os.path.join(path, "deepspeed"), tag="state")
+        else:
+            msd, osd = get_state_dict(root, optimizer)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(path, "dcp"))
         torch.save(dict(rng), os.path.join(path, f"rng-{self.rank}.pt"))
         if self.is_main:
             torch.save(dict(meta), os.path.join(path, "trainer_state.pt"))
@@ -374,15 +429,22 @@ class Engine:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        if not os.path.isdir(os.path.join(path, "dcp")):
-            raise FileNotFoundError(f"{path!r} has no dcp/ directory: not a checkpoint of a distributed run")
+        sub = "deepspeed" if self.kind == "deepspeed" else "dcp"
+        if not os.path.isdir(os.path.join(path, sub)):
+            other = "dcp" if sub == "deepspeed" else "deepspeed"
+            hint = (f"it was saved with --distributed {'deepspeed' if other == 'deepspeed' else 'ddp|fsdp2'}"
+                    if os.path.isdir(os.path.join(path, other)) else "not a checkpoint of a distributed run")
+            raise FileNotFoundError(f"{path!r} has no {sub}/ directory: {hint}")
         rng_file = os.path.join(path, f"rng-{self.rank}.pt")
         if not os.path.exists(rng_file):
             raise ValueError(f"{path!r} was saved by fewer processes than the {self.world} running now")
-        msd, osd = get_state_dict(root, optimizer)
-        state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=os.path.join(path, "dcp"))
-        set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if self.kind == "deepspeed":
+            root.load_checkpoint(os.path.join(path, "deepspeed"), tag="state")
+        else:
+            msd, osd = get_state_dict(root, optimizer)
+            state = {"model": msd, "optim": osd}
+            dcp.load(state, checkpoint_id=os.path.join(path, "dcp"))
+            set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         meta = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
         meta["rng"] = torch.load(rng_file, map_location="cpu", weights_only=False)
         return meta

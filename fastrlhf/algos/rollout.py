@@ -78,8 +78,8 @@ class RolloutTrainer(Trainer):
             top_k=top_k if do_sample else None, max_new_tokens=max_new_tokens,
             pad_token_id=self.pad_id, eos_token_id=eos, bos_token_id=self.tokenizer.bos_token_id,
         )
-        # FSDP2: a rank that finished keeps stepping so that the layers' all-gathers stay matched
-        synced = self.engine.kind == "fsdp2"
+        # FSDP2 / ZeRO-3: a rank that finished keeps stepping so that the layers' all-gathers stay matched
+        synced = self.engine.kind in ("fsdp2", "deepspeed")
         step = (self.config.generation_batch_size or len(prompt_ids)) * num_samples
         was_training = self.model.training
         self.model.eval()

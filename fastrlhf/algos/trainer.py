@@ -45,7 +45,7 @@ import torch
 
 from . import memory
 from .batching import SequenceBatch, micro_batches
-from .engine import Engine, barrier
+from .engine import Engine, barrier, world_size
 from .models import apply_lora, check_fusable, forward_hidden, freeze, head_op, output_head
 from .runstate import (  # noqa: F401  (re-exported: these names have always lived here)
     all_checkpoints,
@@ -105,7 +105,10 @@ class TrainConfig:
     lora_target_modules: Any = "all-linear"
     """peft target_modules ("all-linear" or a list of module names)."""
     distributed: str = "auto"
-    """auto | none | ddp | fsdp2 (auto: ddp when launched with WORLD_SIZE > 1; fastrlhf.algos.engine)."""
+    """auto | none | ddp | fsdp2 | deepspeed (auto: ddp when launched with WORLD_SIZE > 1, deepspeed under
+    accelerate's DEEPSPEED config; fastrlhf.algos.engine)."""
+    deepspeed_config: Optional[str] = None
+    """distributed=deepspeed: a DeepSpeed JSON config (default ZeRO-3; batch, accumulation and clipping are ours)."""
     dtype: str = "auto"
     """Compute dtype over fp32 master weights: auto (bf16 on CUDA if bf16) | float32 | bfloat16 | float16."""
     gradient_checkpointing: bool = False
@@ -151,7 +154,12 @@ class Trainer:
             check_fusable(model)
         self.device = next(model.parameters()).device
         self.engine = Engine(config.distributed, device=self.device, cpu_offload=config.cpu_offload,
-                             param_dtype=memory.compute_dtype(config, self.device))
+                             param_dtype=memory.compute_dtype(config, self.device),
+                             deepspeed=dict(path=config.deepspeed_config, max_grad_norm=config.max_grad_norm,
+                                            micro_batch_size=max(1, config.micro_batch_size // world_size())))
+        if self.engine.kind == "deepspeed" and memory.compute_dtype(config, self.device) == torch.float16:
+            raise ValueError("dtype='float16' is not supported with distributed='deepspeed' (its loss scaling is "
+                             "DeepSpeed's): use bfloat16, or DeepSpeed's own fp16 section in --deepspeed-config")
         check_config(config, one_of=dict(optim=memory.OPTIMIZERS))
         # The reference is the initial policy: copied before any adapter is added (and before any wrapping).
         self.ref_model = None
@@ -162,6 +170,7 @@ class Trainer:
             memory.enable_gradient_checkpointing(self.model)
         self.model.train()
         self.scaler = memory.grad_scaler(config, self.device)
+        self.optimizer: Optional[torch.optim.Optimizer] = None
         # Root modules every call of a model goes through (none in one process; fastrlhf.algos.engine).
         # With several trainable modules (PPO's actor and critic) one container is the root: one DDP
         # reducer / one FSDP2 root, and one forward per micro-batch runs both.
@@ -170,11 +179,13 @@ class Trainer:
         if self.engine.kind != "none":
             self.engine.local_count(config.micro_batch_size, "micro_batch_size")
             trainable = self.trainable_modules()
+            if self.engine.kind == "deepspeed":  # DeepSpeed wraps the model together with its optimizer
+                self.optimizer = self.build_optimizer()
             if len(trainable) > 1:
-                root = self.engine.wrap(torch.nn.ModuleDict(trainable))
+                root = self.engine.wrap(torch.nn.ModuleDict(trainable), optimizer=self.optimizer)
                 self._root_prefix = "model.policy."
             else:
-                root = self.engine.wrap(self.model)
+                root = self.engine.wrap(self.model, optimizer=self.optimizer)
             for module in trainable.values():
                 self.roots[id(module)] = root
             if self.ref_model is not None:
@@ -184,7 +195,6 @@ class Trainer:
         if self.pad_id is None:
             raise ValueError("tokenizer needs a pad_token_id or an eos_token_id")
         self._perm_cache: Dict[int, np.ndarray] = {}
-        self.optimizer: Optional[torch.optim.Optimizer] = None
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -277,6 +287,12 @@ class Trainer:
 
     def optimizer_step(self) -> float:
         """Clip, step, zero the gradients; returns the pre-clip global gradient norm."""
+        # The lr is a pure function of the step (no scheduler state to checkpoint).
+        scale = min(1.0, (self.step + 1) / self.config.lr_warmup_steps) if self.config.lr_warmup_steps > 0 else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr * scale
+        if self.engine.kind == "deepspeed":  # DeepSpeed clips, steps and zeroes (fastrlhf.algos.deepspeed_engine)
+            return float(self.engine.step(self.roots[id(self.model)]))
         params = self._params()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -290,10 +306,6 @@ class Trainer:
             )
         if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor reduced over the shards
             norm = norm.full_tensor()
-        # The lr is a pure function of the step (no scheduler state to checkpoint).
-        scale = min(1.0, (self.step + 1) / self.config.lr_warmup_steps) if self.config.lr_warmup_steps > 0 else 1.0
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.config.lr * scale
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -352,7 +364,7 @@ class Trainer:
                     scales = [[world * nr / max(next(gnorms), 1e-30) * gs / total for nr in counts]
                               for counts, gs in zip(norms, gsizes)]
                 for i, (idx, size) in enumerate(zip(update, sizes)):
-                    with self.engine.no_sync(root, skip=i < len(update) - 1):
+                    with self.engine.micro_batch(root, last=i == len(update) - 1):
                         loss, stats = loss_fn(idx)
                         terms = loss if isinstance(loss, (tuple, list)) else (loss,)
                         loss = sum(terms)
@@ -363,7 +375,10 @@ class Trainer:
                                 raise ValueError(f"loss_fn returned {len(terms)} loss terms but norm counted "
                                                  f"{len(scales[i])}")
                             scaled = sum(t * sc for t, sc in zip(terms, scales[i]))
-                        (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
+                        if self.scaler is None:
+                            self.engine.backward(root, scaled)
+                        else:
+                            self.scaler.scale(scaled).backward()
                     for key, v in {"loss": loss.detach(), **stats}.items():
                         if not key.startswith("num_"):
                             sums[key] = sums.get(key, 0.0) + float(v)
