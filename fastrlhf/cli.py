@@ -215,9 +215,11 @@ def task_ranking_rows(task, *, wrong_per_prompt: int = TASK_RM_WRONG_PER_PROMPT,
     """Reward-model data for the embedded task's training prompts: the right sum ranked above wrong sums.
 
     Each prompt gets a seeded shuffle of the wrong sums in ``[0, max sum]``; the first
-    ``wrong_per_prompt`` form the ranking ``{"prompt", "responses": [right, wrong...], "scores":
-    [1, 0, ...]}``. ``held_out=True`` instead gives ``{"prompt", "chosen", "rejected"}`` pairs of
-    the right sum against the *other* wrong sums: responses the reward model never saw.
+    ``wrong_per_prompt`` (at most all but one of them, so that every prompt keeps a held-out
+    wrong sum however small the task) form the ranking ``{"prompt", "responses": [right,
+    wrong...], "scores": [1, 0, ...]}``. ``held_out=True`` instead gives ``{"prompt", "chosen",
+    "rejected"}`` pairs of the right sum against the *other* wrong sums: responses the reward
+    model never saw.
     """
     problems = task.train_problems + task.eval_problems
     top = max(a + b for a, b in problems)
@@ -227,12 +229,12 @@ def task_ranking_rows(task, *, wrong_per_prompt: int = TASK_RM_WRONG_PER_PROMPT,
         ans = int(r["answer"])
         wrong = [w for w in range(top + 1) if w != ans]
         rng.shuffle(wrong)
+        k = min(wrong_per_prompt, len(wrong) - 1)
         if held_out:
-            rows += [{"prompt": r["prompt"], "chosen": r["answer"], "rejected": str(w)}
-                     for w in wrong[wrong_per_prompt:]]
+            rows += [{"prompt": r["prompt"], "chosen": r["answer"], "rejected": str(w)} for w in wrong[k:]]
         else:
-            rows.append({"prompt": r["prompt"], "responses": [r["answer"]] + [str(w) for w in wrong[:wrong_per_prompt]],
-                         "scores": [1.0] + [0.0] * wrong_per_prompt})
+            rows.append({"prompt": r["prompt"], "responses": [r["answer"]] + [str(w) for w in wrong[:k]],
+                         "scores": [1.0] + [0.0] * k})
     return rows
 
 

@@ -42,6 +42,26 @@ def test_train_embedded_writes_outputs(algo, tmp_path, capsys):
     assert (out / "final" / "config.json").exists() and (out / "checkpoint-2" / "trainer_state.pt").exists()
 
 
+@pytest.mark.parametrize("max_operand", [2, 3, 5])
+def test_rm_on_a_small_task_keeps_held_out_pairs(max_operand, tmp_path):
+    """Sums up to 2 * (max_operand - 1) leave fewer wrong answers than the ranking's 9: the ranking shrinks so
+    that every prompt keeps a held-out wrong sum (it used to leave none, and the held-out evaluation crashed)."""
+    from fastrlhf.algos.task import ArithmeticTask
+
+    task = ArithmeticTask(max_operand=max_operand, seed=0)
+    ranked = cli.task_ranking_rows(task, seed=0)
+    held = cli.task_ranking_rows(task, seed=0, held_out=True)
+    assert {r["prompt"] for r in held} == {r["prompt"] for r in ranked}
+    for r in ranked:
+        assert len(r["responses"]) == min(1 + cli.TASK_RM_WRONG_PER_PROMPT, 2 * (max_operand - 1))  # one kept out
+        seen = set(r["responses"])
+        assert not seen & {h["rejected"] for h in held if h["prompt"] == r["prompt"]}
+    if max_operand == 5:
+        s = cli.train(cli.build_parser().parse_args(["train", "rm", "--task-max-operand", "5", "--output-dir",
+                                                     str(tmp_path / "rm"), *FAST, "--micro-batch-size", "4"]))
+        assert len(s["eval_pair_accuracy_unseen_responses"]) == 2
+
+
 def test_resume_continues_the_run(tmp_path):
     out = tmp_path / "run"
     args = ["train", "dpo", "--output-dir", str(out), "--micro-batch-size", "4", "--warmup-steps", "3",
@@ -190,6 +210,7 @@ def test_yaml_config_errors_name_the_key(tmp_path):
 
 
 README_OTHER_TOOLS = {"--nproc_per_node", "--config_file", "--list",  # torchrun, accelerate, fastrlhf bench
+                      "--no-build-isolation",  # pip (installing DeepSpeed)
                       "--field-name", "--flag", "--no-flag"}  # the Configuration paragraph's placeholders
 
 

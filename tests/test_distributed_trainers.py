@@ -227,21 +227,31 @@ use_cpu: true
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="accelerate is not installed")
-def test_accelerate_launch_fsdp2_matches_one_process(one, tmp_path):
-    """accelerate's launcher (torchrun underneath; MULTI_GPU with use_cpu gives gloo on CPU) runs the same job."""
-    out1, _ = one
-    (tmp_path / "acc.yaml").write_text(ACCELERATE_CONFIG)
+needs_accelerate = pytest.mark.skipif(importlib.util.find_spec("accelerate") is None,
+                                      reason="accelerate is not installed")
+
+
+def accelerate_dpo(config: str, tmp_path: Path, *flags: str) -> Path:
+    """``accelerate launch --config_file <config> -m fastrlhf train dpo ...``; the run directory."""
+    (tmp_path / "acc.yaml").write_text(config)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "acc.yaml"),
-                        "-m", "fastrlhf", "train", "dpo", *worker.CLI_COMMON, "--distributed", "fsdp2",
+                        "-m", "fastrlhf", "train", "dpo", *worker.CLI_COMMON, *flags,
                         "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=600, env=env,
                        cwd=HERE.parent)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    w1, w2 = weights(out1 / "dpo")[0], weights(tmp_path / "run")[0]
+    return tmp_path / "run"
+
+
+@needs_accelerate
+def test_accelerate_launch_fsdp2_matches_one_process(one, tmp_path):
+    """accelerate's launcher (torchrun underneath; MULTI_GPU with use_cpu gives gloo on CPU) runs the same job."""
+    out1, _ = one
+    run = accelerate_dpo(ACCELERATE_CONFIG, tmp_path, "--distributed", "fsdp2")
+    w1, w2 = weights(out1 / "dpo")[0], weights(run)[0]
     assert all(float((w2[k] - w1[k]).norm() / w1[k].norm()) <= 1e-5 for k in w1)
-    assert len(metrics(tmp_path / "run")) == 2
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert len(metrics(run)) == 2
+    summary = json.loads((run / "summary.json").read_text())
     assert (summary["engine"], summary["processes"]) == ("fsdp2", 2)
 
 
@@ -256,17 +266,12 @@ mixed_precision: 'no'
 
 
 @needs_ds
-@pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="accelerate is not installed")
+@needs_accelerate
 def test_accelerate_launch_with_a_deepspeed_config_matches_one_process(one, tmp_path):
     """accelerate's DEEPSPEED config (ZeRO-3) and no --distributed flag: the engine is DeepSpeed's."""
     out1, _ = one
-    (tmp_path / "acc.yaml").write_text(ACCELERATE_DEEPSPEED_CONFIG)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "acc.yaml"),
-                        "-m", "fastrlhf", "train", "dpo", *worker.CLI_COMMON, "--output-dir", str(tmp_path / "run")],
-                       capture_output=True, text=True, timeout=600, env=env, cwd=HERE.parent)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    run = accelerate_dpo(ACCELERATE_DEEPSPEED_CONFIG, tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
     assert (summary["engine"], summary["processes"]) == ("deepspeed", 2)
-    w1, w2 = weights(out1 / "dpo")[0], weights(tmp_path / "run")[0]
+    w1, w2 = weights(out1 / "dpo")[0], weights(run)[0]
     assert all(float((w2[k] - w1[k]).norm() / w1[k].norm()) <= 1e-5 for k in w1)
