@@ -214,44 +214,6 @@ def _vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, c
     return loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower
 
 
-def compute_policy_loss_vanilla(
-    old_log_prob: torch.Tensor,
-    log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    loss_agg_mode: str = "token-mean",
-    config: Any = None,
-    rollout_is_weights: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """verl's ``compute_policy_loss_vanilla`` (PPO-clip, Schulman et al. 2017) -> ``(pg_loss, pg_metrics)``.
-
-    Per token ``ratio = exp(clamp(log_prob - old_log_prob, -20, 20))``,
-    ``pg = max(-A ratio, -A clamp(ratio, 1 - clip_ratio_low, 1 + clip_ratio_high))`` and, where
-    ``A < 0``, ``min(pg, -A clip_ratio_c)`` (dual clip, Ye et al. 2020); times
-    ``rollout_is_weights`` when given; aggregated as verl's ``agg_loss`` with
-    ``config.global_batch_info``. ``config``: verl's actor config (``clip_ratio``,
-    ``clip_ratio_low``, ``clip_ratio_high``, ``clip_ratio_c`` default 3.0). Metrics (floats):
-    ``actor/pg_clipfrac``, ``actor/ppo_kl`` (mean k1 of old vs new), ``actor/pg_clipfrac_lower``.
-    """
-    loss, *stats = _vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                            rollout_is_weights)
-    return loss, _metrics(*stats)
-
-
-def compute_policy_loss_vanilla_tuple(
-    old_log_prob: torch.Tensor,
-    log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    loss_agg_mode: str = "token-mean",
-    config: Any = None,
-    rollout_is_weights: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`compute_policy_loss_vanilla` with the earlier verl return ``(pg_loss, pg_clipfrac, ppo_kl,
-    pg_clipfrac_lower)`` (tensors), for verl versions whose function is annotated that way."""
-    return _vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
-
-
 # ----------------------------------------------------------------------------------------
 # GSPO (GSPO-token), SAPO, CISPO
 # ----------------------------------------------------------------------------------------
@@ -328,16 +290,62 @@ def _cispo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, con
     return loss, pg_clipfrac, ppo_kl, torch.zeros((), device=lp.device)
 
 
-def compute_policy_loss_gspo(
-    old_log_prob: torch.Tensor,
-    log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    loss_agg_mode: str = "seq-mean-token-mean",
-    config: Any = None,
-    rollout_is_weights: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """verl's ``compute_policy_loss_gspo`` (GSPO-token, Zheng et al. 2025) -> ``(pg_loss, pg_metrics)``.
+# ----------------------------------------------------------------------------------------
+# The public drop-ins: each loss twice, with verl's parameters, returning verl's current
+# (pg_loss, pg_metrics) or the earlier (pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower)
+# (fastrlhf.integrations.verl.patch picks by the installed function's return annotation).
+# ----------------------------------------------------------------------------------------
+
+
+def _drop_ins(name: str, impl, default_agg: str, doc: str):
+    """verl's ``compute_policy_loss_<name>`` with ``impl``'s math: the dict-returning drop-in and its 4-tuple twin."""
+
+    def as_dict(
+        old_log_prob: torch.Tensor,
+        log_prob: torch.Tensor,
+        advantages: torch.Tensor,
+        response_mask: torch.Tensor,
+        loss_agg_mode: str = default_agg,
+        config: Any = None,
+        rollout_is_weights: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, *stats = impl(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                            rollout_is_weights)
+        return loss, _metrics(*stats)
+
+    def as_tuple(
+        old_log_prob: torch.Tensor,
+        log_prob: torch.Tensor,
+        advantages: torch.Tensor,
+        response_mask: torch.Tensor,
+        loss_agg_mode: str = default_agg,
+        config: Any = None,
+        rollout_is_weights: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return impl(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
+
+    public = f"compute_policy_loss_{name}"
+    for fn, fn_name, fn_doc in ((as_dict, public, doc),
+                                (as_tuple, public + "_tuple", f":func:`{public}` with the earlier verl return "
+                                 "``(pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower)`` (tensors), for verl "
+                                 "versions whose function is annotated that way.")):
+        fn.__name__ = fn.__qualname__ = fn_name
+        fn.__doc__ = fn_doc
+        fn.__module__ = __name__
+    return as_dict, as_tuple
+
+
+_VANILLA_DOC = """verl's ``compute_policy_loss_vanilla`` (PPO-clip, Schulman et al. 2017) -> ``(pg_loss, pg_metrics)``.
+
+    Per token ``ratio = exp(clamp(log_prob - old_log_prob, -20, 20))``,
+    ``pg = max(-A ratio, -A clamp(ratio, 1 - clip_ratio_low, 1 + clip_ratio_high))`` and, where
+    ``A < 0``, ``min(pg, -A clip_ratio_c)`` (dual clip, Ye et al. 2020); times
+    ``rollout_is_weights`` when given; aggregated as verl's ``agg_loss`` with
+    ``config.global_batch_info``. ``config``: verl's actor config (``clip_ratio``,
+    ``clip_ratio_low``, ``clip_ratio_high``, ``clip_ratio_c`` default 3.0). Metrics (floats):
+    ``actor/pg_clipfrac``, ``actor/ppo_kl`` (mean k1 of old vs new), ``actor/pg_clipfrac_lower``.
+    """
+_GSPO_DOC = """verl's ``compute_policy_loss_gspo`` (GSPO-token, Zheng et al. 2025) -> ``(pg_loss, pg_metrics)``.
 
     ``pg_t = max(-A_t s_it, -A_t clamp(s_it, 1 - clip_ratio_low, 1 + clip_ratio_high))`` with
     ``s_it = exp(min(log s_i, 10))`` in value and ``d s_it / d log_prob_t = s_it`` (see the module
@@ -345,87 +353,23 @@ def compute_policy_loss_gspo(
     ignored, as in verl). Metrics: ``pg_clipfrac`` (clipped branch active), ``ppo_kl`` (unclamped),
     ``pg_clipfrac_lower`` 0.
     """
-    loss, *stats = _gspo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                         rollout_is_weights)
-    return loss, _metrics(*stats)
-
-
-def compute_policy_loss_gspo_tuple(
-    old_log_prob: torch.Tensor,
-    log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    loss_agg_mode: str = "seq-mean-token-mean",
-    config: Any = None,
-    rollout_is_weights: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`compute_policy_loss_gspo` with the 4-tuple return of earlier verl."""
-    return _gspo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
-
-
-def compute_policy_loss_sapo(
-    old_log_prob: torch.Tensor,
-    log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    loss_agg_mode: str = "seq-mean-token-mean",
-    config: Any = None,
-    rollout_is_weights: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """verl's ``compute_policy_loss_sapo`` (Gao et al. 2025, arXiv 2511.20347) -> ``(pg_loss, pg_metrics)``.
+_SAPO_DOC = """verl's ``compute_policy_loss_sapo`` (Gao et al. 2025, arXiv 2511.20347) -> ``(pg_loss, pg_metrics)``.
 
     ``pg_t = -sigmoid(tau (r_t - 1)) 4 / tau A_t``, ``r_t = exp(clamp(log_prob - old_log_prob, -20, 20))``,
     ``tau = config.tau_pos`` (default 1.0) where ``A_t > 0`` else ``config.tau_neg`` (1.05); times
     ``rollout_is_weights``; ``seq-mean-token-mean`` (``loss_agg_mode`` ignored, as in verl). Metrics:
     ``ppo_kl``; both clip fractions 0.
     """
-    loss, *stats = _sapo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                         rollout_is_weights)
-    return loss, _metrics(*stats)
-
-
-def compute_policy_loss_sapo_tuple(
-    old_log_prob: torch.Tensor,
-    log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    loss_agg_mode: str = "seq-mean-token-mean",
-    config: Any = None,
-    rollout_is_weights: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`compute_policy_loss_sapo` with the 4-tuple return of earlier verl."""
-    return _sapo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
-
-
-def compute_policy_loss_cispo(
-    old_log_prob: torch.Tensor,
-    log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    loss_agg_mode: str = "token-mean",
-    config: Any = None,
-    rollout_is_weights: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """verl's ``compute_policy_loss_cispo`` (CISPO, MiniMax-M1) -> ``(pg_loss, pg_metrics)``.
+_CISPO_DOC = """verl's ``compute_policy_loss_cispo`` (CISPO, MiniMax-M1) -> ``(pg_loss, pg_metrics)``.
 
     ``pg_t = -sg(clamp(r_t, 1 - clip_ratio_low, 1 + clip_ratio_high)) A_t log_prob_t`` with
     ``r_t = exp(clamp(log_prob - old_log_prob, -20, 20))``; times ``rollout_is_weights``; aggregated by
     ``loss_agg_mode``. Metrics: ``pg_clipfrac`` (weight clamped, either side), ``ppo_kl``,
     ``pg_clipfrac_lower`` 0.
     """
-    loss, *stats = _cispo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                          rollout_is_weights)
-    return loss, _metrics(*stats)
 
-
-def compute_policy_loss_cispo_tuple(
-    old_log_prob: torch.Tensor,
-    log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    loss_agg_mode: str = "token-mean",
-    config: Any = None,
-    rollout_is_weights: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`compute_policy_loss_cispo` with the 4-tuple return of earlier verl."""
-    return _cispo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
+compute_policy_loss_vanilla, compute_policy_loss_vanilla_tuple = _drop_ins("vanilla", _vanilla, "token-mean",
+                                                                           _VANILLA_DOC)
+compute_policy_loss_gspo, compute_policy_loss_gspo_tuple = _drop_ins("gspo", _gspo, "seq-mean-token-mean", _GSPO_DOC)
+compute_policy_loss_sapo, compute_policy_loss_sapo_tuple = _drop_ins("sapo", _sapo, "seq-mean-token-mean", _SAPO_DOC)
+compute_policy_loss_cispo, compute_policy_loss_cispo_tuple = _drop_ins("cispo", _cispo, "token-mean", _CISPO_DOC)
