@@ -35,6 +35,7 @@ Masked tokens never reach the loss (NaN there gives a finite loss; verl's ``loss
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
 import torch
@@ -300,19 +301,6 @@ def _cispo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, con
 def _drop_ins(name: str, impl, default_agg: str, doc: str):
     """verl's ``compute_policy_loss_<name>`` with ``impl``'s math: the dict-returning drop-in and its 4-tuple twin."""
 
-    def as_dict(
-        old_log_prob: torch.Tensor,
-        log_prob: torch.Tensor,
-        advantages: torch.Tensor,
-        response_mask: torch.Tensor,
-        loss_agg_mode: str = default_agg,
-        config: Any = None,
-        rollout_is_weights: Optional[torch.Tensor] = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        loss, *stats = impl(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                            rollout_is_weights)
-        return loss, _metrics(*stats)
-
     def as_tuple(
         old_log_prob: torch.Tensor,
         log_prob: torch.Tensor,
@@ -323,6 +311,15 @@ def _drop_ins(name: str, impl, default_agg: str, doc: str):
         rollout_is_weights: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return impl(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
+
+    def as_dict(*args, **kwargs):
+        loss, *stats = as_tuple(*args, **kwargs)
+        return loss, _metrics(*stats)
+
+    # the same parameters as the tuple form, verl's current return annotation
+    as_dict.__signature__ = inspect.signature(as_tuple).replace(
+        return_annotation="tuple[torch.Tensor, dict[str, float]]")
+    as_dict.__annotations__ = {**as_tuple.__annotations__, "return": "tuple[torch.Tensor, dict[str, float]]"}
 
     public = f"compute_policy_loss_{name}"
     for fn, fn_name, fn_doc in ((as_dict, public, doc),
