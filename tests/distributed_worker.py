@@ -222,9 +222,10 @@ def main(out: str) -> None:
             cli_run(os.path.join(out, res["run"]), algo, *CLI_COMMON, *engine_args(kind, out))
     res["run"] = "dpo-fsdp2-offload"  # FSDP2's CPUOffloadPolicy
     cli_run(os.path.join(out, res["run"]), "dpo", *CLI_COMMON, "--distributed", "fsdp2", "--cpu-offload")
-    for algo in ("dpo", "rm"):  # LoRA: the adapters (dpo) and the merged export (rm) from FSDP2 shards
-        res["run"] = f"{algo}-lora"
-        cli_run(os.path.join(out, res["run"]), algo, *CLI_COMMON, *LORA, "--distributed", "fsdp2")
+    for algo in ("dpo", "rm"):  # LoRA: the adapters (dpo) and the merged export (rm) from sharded states
+        for kind in KINDS[1:]:
+            res["run"] = f"{algo}-lora-{kind}"
+            cli_run(os.path.join(out, res["run"]), algo, *CLI_COMMON, *LORA, *engine_args(kind, out))
     # PPO (actor + critic in one root) through the CLI: its final/ is the policy alone
     cli_run(os.path.join(out, "ppo-fsdp2"), "ppo", *PPO_ARGS, "--distributed", "fsdp2")
 

@@ -105,22 +105,28 @@ def test_two_processes_end_with_the_one_process_weights(two, one, algo, kind):
     assert (out2 / f"{algo}-{kind}" / "summary.json").exists()
 
 
+@pytest.mark.parametrize("kind", ["fsdp2", DS])
 @pytest.mark.parametrize("algo, file", [("dpo", "adapter_model.safetensors"), ("rm", "model.safetensors")])
-def test_lora_on_fsdp2_exports_the_one_process_weights(two, one, algo, file):
-    """LoRA under FSDP2: rank 0's adapter initialisation on every shard, and the export from the gathered
-    state (the policy's adapters; the reward model merged into a plain checkpoint)."""
+def test_lora_on_sharded_engines_exports_the_one_process_weights(two, one, algo, file, kind):
+    """LoRA under FSDP2 / ZeRO-3: rank 0's adapter initialisation on every shard, and the export from the
+    gathered state (the policy's adapters; the reward model merged into a plain checkpoint)."""
     from safetensors.torch import load_file
 
     (out2, _), (out1, _) = two, one
-    w1, w2 = (load_file(d / f"{algo}-lora" / "final" / file) for d in (out1, out2))
+    w1 = load_file(out1 / f"{algo}-lora" / "final" / file)
+    w2 = load_file(out2 / f"{algo}-lora-{kind}" / "final" / file)
     assert w1.keys() == w2.keys() and len(w1) > 0
     if algo == "dpo":
         assert all("lora_" in k for k in w1)
     else:
         assert not any("lora_" in k for k in w1)  # merged
+    # merged weights: Adam's first steps turn the reduction-order noise of near-zero adapter gradients into
+    # updates of up to ~1e-3 of a small adapter delta (layer 0's k_proj: 0.02 against a weight of norm 1.3), so
+    # the merged check is 1e-4 of the weight; a lost or unmerged adapter is off by ~1e-2
+    tol = 1e-5 if algo == "dpo" else 1e-4
     for k in w1:
-        assert float((w2[k] - w1[k]).norm()) <= 1e-5 * float(w1[k].norm()) + 1e-7, k
-    assert [m["step"] for m in metrics(out2 / f"{algo}-lora")] == [1, 2]
+        assert float((w2[k] - w1[k]).norm()) <= tol * float(w1[k].norm()) + 1e-7, k
+    assert [m["step"] for m in metrics(out2 / f"{algo}-lora-{kind}")] == [1, 2]
 
 
 def test_ppo_on_fsdp2_exports_the_policy(two):

@@ -19,9 +19,9 @@ Implementation choices (and where they come from):
 3. FSDP2: ``fully_shard`` on every decoder layer (the classes in the model's
    ``_no_split_modules``, as accelerate picks them), then on the root (torchtitan's recipe);
    ``MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=float32)`` keeps fp32 master
-   weights and fp32 gradient reduction; rank 0's parameters are broadcast first (FSDP2,
-   unlike DDP, would keep each rank's own initialisation of its shards: accelerate does the
-   same); ``CPUOffloadPolicy`` keeps the sharded parameters,
+   weights and fp32 gradient reduction; rank 0's parameters are broadcast first (FSDP2 and
+   ZeRO-3, unlike DDP, would keep each rank's own initialisation of its shards: accelerate does
+   the same); ``CPUOffloadPolicy`` keeps the sharded parameters,
    gradients and optimizer state in host memory. A frozen reference is sharded the same way.
    Generation under FSDP2 passes ``synced_gpus=True`` (transformers' flag for ZeRO-3 / FSDP:
    a rank that finished keeps stepping so the per-layer all-gathers stay matched).
@@ -264,6 +264,13 @@ class Engine:
         if self.kind == "none":
             return None
         root = RootForward(model)
+        if self.kind in ("fsdp2", "deepspeed"):
+            # both keep each rank's own values of its shards (DDP broadcasts rank 0's): start from rank 0's
+            # model, as accelerate's FSDP2 preparation does, so that randomly initialised parts (LoRA's A
+            # matrices, new heads) agree across ranks
+            with torch.no_grad():
+                for t in list(model.parameters()) + list(model.buffers()):
+                    dist.broadcast(t.data, src=0)
         if self.kind == "deepspeed":
             from . import deepspeed_engine
 
@@ -283,12 +290,6 @@ class Engine:
             return DDP(root, device_ids=ids, forward_sync_buffers=False)
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-        # FSDP2 keeps each rank's own values of its shards (DDP broadcasts rank 0's): start from rank 0's
-        # model, as accelerate's FSDP2 preparation does, so that randomly initialised parts (LoRA's A
-        # matrices, new heads) agree across ranks
-        with torch.no_grad():
-            for t in list(model.parameters()) + list(model.buffers()):
-                dist.broadcast(t.data, src=0)
         kw = dict(mp_policy=MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32),
                   offload_policy=CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if self.cpu_offload
                   else OffloadPolicy())
