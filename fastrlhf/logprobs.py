@@ -54,8 +54,6 @@ def token_values(logits, labels, temperature, ignore_index, want_logp, want_entr
     if support is not None or top_k is not None:
         return _support_values(logits, labels, temperature, ignore_index, want_logp, want_entropy, want_sp2,
                                inplace_backward, process_group, support, top_k)
-    if want_sp2 and process_group is not None:
-        raise NotImplementedError("sum_p_squared with a process_group (vocab-parallel logits) is not supported yet")
     if process_group is None and torch.compiler.is_compiling():
         # Opaque custom ops with fake shapes and registered autograd (fastrlhf._rows): traceable.
         vocab = logits.shape[-1]
@@ -72,7 +70,7 @@ def token_values(logits, labels, temperature, ignore_index, want_logp, want_entr
         out = vocab_parallel_token_values(
             logits, labels, temperature=temperature, ignore_index=ignore_index, want_logp=want_logp,
             want_entropy=want_entropy, inplace_backward=inplace_backward, backend=backend, group=process_group,
-            offset=offset,
+            offset=offset, want_sp2=want_sp2,
         )
     shape = logits.shape[:-1]
     # Reshaped here, outside the autograd Function: the caller gets ordinary tensors it may edit in place.
@@ -83,14 +81,18 @@ def token_values(logits, labels, temperature, ignore_index, want_logp, want_entr
 
 def _support_values(logits, labels, temperature, ignore_index, want_logp, want_entropy, want_sp2,
                     inplace_backward, process_group, support, top_k):
-    if process_group is not None:
-        raise NotImplementedError("support= / top_k= with a process_group (vocab-parallel logits) is not supported")
     if labels is None:
         raise ValueError("support= / top_k= need labels")
     from .support import resolve_support, support_token_values
 
-    ids, off = resolve_support(logits, labels, support, top_k, temperature, ignore_index)
-    logp, ent, sp2 = support_token_values(logits, labels, ids, off, temperature, ignore_index, inplace_backward)
+    offset, vocab = 0, None
+    if process_group is not None:  # vocab-parallel shards: global ids, each kept logit read where it lives
+        from .distributed import shard_offset
+
+        offset, vocab = shard_offset(logits.shape[-1], process_group)
+    ids, off = resolve_support(logits, labels, support, top_k, temperature, ignore_index, vocab=vocab)
+    logp, ent, sp2 = support_token_values(logits, labels, ids, off, temperature, ignore_index, inplace_backward,
+                                          process_group, offset)
     out = tuple(t for t, w in ((logp, want_logp), (ent, want_entropy), (sp2, want_sp2)) if w)
     return out if len(out) > 1 else out[0]
 

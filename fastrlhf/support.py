@@ -73,13 +73,17 @@ def check_top_k(top_k, V: int) -> None:
 
 
 def resolve_support(logits: torch.Tensor, labels: torch.Tensor, support, top_k, temperature: float,
-                    ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                    ignore_index: int, vocab: int = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(ids [nnz] int64, offsets [N + 1] int64)`` from ``support=(token_ids, offsets)`` or ``top_k``,
-    checked: every counted label must lie in its row's set (``ValueError`` naming the row)."""
+    checked: every counted label must lie in its row's set (``ValueError`` naming the row). ``vocab``:
+    the global vocabulary when ``logits`` is one rank's shard (then only ``support=``)."""
     if support is not None and top_k is not None:
         raise ValueError("pass either support=(token_ids, offsets) or top_k, not both")
-    V = logits.shape[-1]
-    N = logits.numel() // V if V else 0
+    V = logits.shape[-1] if vocab is None else vocab
+    if vocab is not None and top_k is not None:
+        raise NotImplementedError("top_k= with a process_group (vocab-parallel logits) is not supported: pass the "
+                                  "sampler's kept sets as support=(token_ids, offsets)")
+    N = logits.numel() // logits.shape[-1] if logits.shape[-1] else 0
     dev = logits.device
     if top_k is not None:
         check_top_k(top_k, V)
@@ -168,20 +172,20 @@ class SupportLogprobs(torch.autograd.Function):
     """``(logp, ent, sp2)`` ``[N]`` over each row's kept set; the logits' gradient is 0 outside it."""
 
     @staticmethod
-    def forward(ctx, logits, labels, ids, off, temperature, ignore_index, inplace_backward):
-        x3 = as_rows3d(logits)  # [B, T, V] view
+    def forward(ctx, logits, labels, ids, off, temperature, ignore_index, inplace_backward, group=None, offset=0):
+        x3 = as_rows3d(logits)  # [B, T, V] view (this rank's shard [offset, offset + V) with a group)
         B, T, V = x3.shape
         N = B * T
         inv_temp = 1.0 / temperature
         dt = out_dtype(logits)
         row_of = torch.repeat_interleave(torch.arange(N, device=logits.device), off[1:] - off[:-1])  # [nnz]
-        z = x3[row_of // T, row_of % T, ids].to(dt) * inv_temp  # [nnz] the only logits read
+        z = _owned(x3, row_of, ids, group, offset).to(dt) * inv_temp  # [nnz] the only logits read
         lse, ent, sp2 = support_stats(z, off)
         lab = labels.reshape(-1).long()
         valid = lab != ignore_index
         safe = torch.where(valid, lab, torch.zeros_like(lab))
         n_idx = torch.arange(N, device=logits.device)
-        x_lab = x3[n_idx // T, n_idx % T, safe]  # [N] the label's logit (in its set)
+        x_lab = _owned(x3, n_idx, safe, group, offset)  # [N] the label's logit (in its set)
         zero = torch.zeros((), dtype=dt, device=logits.device)
         logp = torch.where(valid, x_lab.to(dt) * inv_temp - lse, zero)
         ent = torch.where(valid, ent, zero)
@@ -190,6 +194,7 @@ class SupportLogprobs(torch.autograd.Function):
         ctx.shape, ctx.dtype, ctx.T = logits.shape, logits.dtype, T
         ctx.inv_temp, ctx.ignore_index = inv_temp, ignore_index
         ctx.logits = logits if inplace_backward else None
+        ctx.offset = offset if group is not None else None
         ctx.set_materialize_grads(False)
         return logp, ent, sp2
 
@@ -197,7 +202,7 @@ class SupportLogprobs(torch.autograd.Function):
     @first_order_only
     def backward(ctx, dlogp, dent, dsp2):
         z, ids, row_of, lab, lse, ent, sp2 = ctx.saved_tensors
-        nothing = (None,) * 6
+        nothing = (None,) * 8
         if dlogp is None and dent is None and dsp2 is None:
             return (None,) + nothing
         g = support_grad(z, ids, row_of, lab, lse, ent, sp2, dlogp, dent, dsp2, ctx.inv_temp, ctx.ignore_index)
@@ -208,8 +213,29 @@ class SupportLogprobs(torch.autograd.Function):
             grad = torch.zeros(ctx.shape, dtype=ctx.dtype, device=z.device)  # [..., V] 0 outside S
         g3 = as_rows3d(grad)
         T = ctx.T
+        if ctx.offset is not None:  # vocab-parallel: this rank writes the entries of its own shard
+            local = ids - ctx.offset
+            mine = (local >= 0) & (local < g3.shape[-1])
+            row_of, ids, g = row_of[mine], local[mine], g[mine]
         g3[row_of // T, row_of % T, ids] = g.to(ctx.dtype)
         return (grad,) + nothing
+
+
+def _owned(x3, rows, ids, group, offset: int) -> torch.Tensor:
+    """``x3[rows, ids]`` (``[n]``, rows flattened over ``[B, T]``); with a ``group`` (vocab-parallel shards)
+    each id is read on the rank that owns it and the values summed over ranks: an exact gather, the
+    other ranks adding 0."""
+    T = x3.shape[1]
+    if group is None:
+        return x3[rows // T, rows % T, ids]
+    import torch.distributed as dist
+
+    local = ids - offset
+    mine = (local >= 0) & (local < x3.shape[-1])
+    vals = x3[rows // T, rows % T, torch.where(mine, local, torch.zeros_like(local))].to(out_dtype(x3))
+    vals = torch.where(mine, vals, torch.zeros_like(vals))
+    dist.all_reduce(vals, group=group)
+    return vals
 
 
 def support_grad(z, ids, row_of, lab, lse, ent, sp2, dlogp, dent, dsp2, inv_temp: float, ignore_index: int):
@@ -268,12 +294,15 @@ def select_rows(ids, off, rows):
     return ids[off[rows][r] + j], new_off
 
 
-def support_token_values(logits, labels, ids, off, temperature, ignore_index, inplace_backward):
-    """``(logp, ent, sp2)`` shaped like ``labels``: the support-restricted twin of ``token_values``."""
+def support_token_values(logits, labels, ids, off, temperature, ignore_index, inplace_backward, group=None,
+                         offset: int = 0):
+    """``(logp, ent, sp2)`` shaped like ``labels``: the support-restricted twin of ``token_values``
+    (``group``: ``logits`` is this rank's vocabulary shard starting at ``offset``; ids are global)."""
     if inplace_backward:
         from ._rows import check_inplace
 
         check_inplace(logits)
-    out = SupportLogprobs.apply(logits, labels, ids, off, float(temperature), int(ignore_index), inplace_backward)
+    out = SupportLogprobs.apply(logits, labels, ids, off, float(temperature), int(ignore_index), inplace_backward,
+                                group, int(offset))
     shape = logits.shape[:-1]
     return tuple(t.view(shape) for t in out)

@@ -31,6 +31,19 @@ def _data():
     return x, labels, old, ref, adv, up
 
 
+def _kept_sets(labels):
+    """CSR kept sets of 1 to 9 ids per row, each holding its label, spread over the whole vocabulary."""
+    g = torch.Generator().manual_seed(1)
+    ids, off = [], [0]
+    for lab in labels.reshape(-1).tolist():
+        k = int(torch.randint(1, 10, (1,), generator=g))
+        row = [i for i in torch.randperm(V, generator=g).tolist() if i != lab][: k - 1]
+        row = ([lab] if lab >= 0 else []) + row
+        ids += row
+        off.append(len(ids))
+    return torch.tensor(ids), torch.tensor(off)
+
+
 def _shard(V_total, world, rank):
     base, extra = divmod(V_total, world)
     sizes = [base + (1 if r < extra else 0) for r in range(world)]
@@ -55,6 +68,16 @@ def _compute(x, labels, old, ref, adv, up, backend, group):
     run("logp_ent", lambda xx: sum((a * u).sum() for a, u in zip(
         fastrlhf.token_logprobs_and_entropy(xx, labels, **kw), up)))
     run("entropy", lambda xx: (fastrlhf.entropy(xx, temperature=1.3, **kw) * up[1]).sum())
+    # sum_p_squared: S2 = sum_r exp(2 (lse_r - lse)) S2_r, its gradient 2 p (p - S2) on each shard
+    run("logp_ent_sp2", lambda xx: sum((a * u).sum() for a, u in zip(
+        fastrlhf.token_logprobs_and_entropy(xx, labels, temperature=0.9, sum_p_squared=True, **kw),
+        (up[0], up[1], up[0] - 2 * up[1]))))
+    # support= (the sampler's kept sets, global ids): each kept logit read on the rank that owns it
+    ids, off = _kept_sets(labels)
+    run("support", lambda xx: sum((a * u).sum() for a, u in zip(
+        fastrlhf.token_logprobs_and_entropy(xx, labels, temperature=0.9, sum_p_squared=True,
+                                            support=(ids, off), **kw), (up[0], up[1], up[0] - 2 * up[1]))))
+    run("ppo_support", lambda xx: fastrlhf.ppo_clip_loss(xx, labels, old, adv, support=(ids, off), **kw)[0])
     run("ppo", lambda xx: fastrlhf.ppo_clip_loss(xx, labels, old, adv, ref_logprobs=ref, kl_coef=0.1,
                                                  entropy_coef=0.01, **kw)[0])
     run("grpo", lambda xx: fastrlhf.grpo_loss(xx, labels, old, adv[:, 0], ref, loss_agg="seq-mean-token-mean",
