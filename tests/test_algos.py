@@ -459,7 +459,9 @@ def test_ppo_reward_rises(tok, task, warm_model):
                         ppo_epochs=2, lr=1e-3, lr_warmup_steps=10, kl_coef=0.05)
         return PPO(copy.deepcopy(warm_model), tok, task.prompt_rows("train"), task.reward, cfg)
 
-    assert reward_gain_over_seeds(make, steps=50) > 0.05  # seed 0 alone passed +0.1 here; margin provisional
+    # per-seed gains over 16 seeds (tests/learning_margins.py ppo 0,...,15): mean +0.135, sd 0.029, min +0.088;
+    # the 4-seed mean has sd ~0.015, so 0.05 sits ~5.7 sd below its expectation
+    assert reward_gain_over_seeds(make, steps=50) > 0.05
 
 
 def test_dpo_reward_accuracy_above_0_9(tok, task):

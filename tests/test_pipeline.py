@@ -730,8 +730,9 @@ def test_ppo_with_the_trained_reward_model_raises_its_reward(tok, task, warm_mod
                         ppo_epochs=2, lr=1e-3, lr_warmup_steps=10, kl_coef=0.05)
         return PPO(copy.deepcopy(warm_model), tok, task.prompt_rows("train"), fn, cfg)
 
-    # per-seed gains measured here: seed 0 +0.03 (100 steps): the curve is nearly flat at this length,
-    # so only the sign of the 4-seed mean is asserted (provisional: measured on seed 0 only)
+    # per-seed gains of the reward model's score over 16 seeds (tests/learning_margins.py ppo_rm 0,...,15):
+    # mean +0.451, sd 0.285, min -0.282 (one seed of 16 below 0); the 4-seed mean has sd ~0.14, so its
+    # sign is asserted, ~3.2 sd below its expectation
     assert reward_gain_over_seeds(make, steps=100) > 0.0
 
 
@@ -742,8 +743,9 @@ def test_rrhf_reward_rises(tok, task, warm_model):
                          micro_batch_size=64, lr=3e-4, lr_warmup_steps=10)
         return RRHF(copy.deepcopy(warm_model), tok, task.prompt_rows("train"), task.reward, cfg)
 
-    # provisional margin (seed 0 passed +0.1 before; per-seed spread not yet measured over many seeds)
-    assert reward_gain_over_seeds(make, steps=100) > 0.05
+    # per-seed gains over 16 seeds (tests/learning_margins.py rrhf 0,...,15): mean +0.209, sd 0.020, min +0.172;
+    # the 4-seed mean has sd ~0.010, so 0.15 sits ~6 sd below its expectation
+    assert reward_gain_over_seeds(make, steps=100) > 0.15
 
 
 @pytest.mark.slow
