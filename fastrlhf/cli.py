@@ -155,8 +155,9 @@ def _config(args, cls, embedded: bool):
     return cls(**values, output_dir=args.output_dir)
 
 
-def _model_and_tokenizer(args, embedded: bool, warmup_rows, device: str):
-    """Load ``--model``; or build (and warm up) the embedded tiny model, saved to ``<out>/init`` for resumes."""
+def _model_and_tokenizer(args, embedded: bool, warmup_rows, device: str, load_device: Optional[str] = None):
+    """Load ``--model`` (onto ``load_device``, default ``device``); or build (and warm up) the embedded tiny
+    model, saved to ``<out>/init`` for resumes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .algos.models import attn_implementation, load_causal_lm
@@ -165,7 +166,7 @@ def _model_and_tokenizer(args, embedded: bool, warmup_rows, device: str):
     from .algos.trainer import seed_everything, supervised_finetune
 
     if not embedded:
-        return load_causal_lm(args.model, device)
+        return load_causal_lm(args.model, load_device or device, compute_device=device)
     from .algos import engine
 
     init = os.path.join(args.output_dir, "init")
@@ -274,7 +275,10 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     else:
         apply_config_file(args)  # under the command line; a resumed run has its options in args.json
     device = str(engine.local_device(args.device))
-    engine.init_distributed(args.distributed, torch.device(device))  # every rank, before any file is touched
+    kind = engine.init_distributed(args.distributed, torch.device(device))  # every rank, before any file is touched
+    # FSDP2 / ZeRO-3 on GPUs: a checkpoint loads into host memory and only this rank's shards reach its GPU
+    # (fully_shard / deepspeed.initialize move them), never the whole model (fastrlhf.algos.engine, 3)
+    load_device = "cpu" if kind in ("fsdp2", "deepspeed") and device.startswith("cuda") else device
     if args.output_dir is None:  # rank 0's timestamp names the run on every rank
         args.output_dir = engine.broadcast_object(
             os.path.join("runs", f"{args.algo}-{time.strftime('%Y%m%d-%H%M%S')}"))
@@ -317,12 +321,12 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     if args.algo == "rm" and not embedded and _is_sequence_classifier(args.model):  # continue a reward model
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        model = AutoModelForSequenceClassification.from_pretrained(args.model, local_files_only=True).to(device)
+        model = AutoModelForSequenceClassification.from_pretrained(args.model, local_files_only=True).to(load_device)
         tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
     else:  # a causal LM (RewardModel puts the scalar head on it)
-        model, tokenizer = _model_and_tokenizer(args, embedded, warmup_rows, device)
+        model, tokenizer = _model_and_tokenizer(args, embedded, warmup_rows, device, load_device)
 
     # Reward (grpo/ppo/rrhf/rft).
     reward_fn, reward_kw = None, {}

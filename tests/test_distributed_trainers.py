@@ -281,3 +281,28 @@ def test_accelerate_launch_with_a_deepspeed_config_matches_one_process(one, tmp_
     assert (summary["engine"], summary["processes"]) == ("deepspeed", 2)
     w1, w2 = weights(out1 / "dpo")[0], weights(run)[0]
     assert all(float((w2[k] - w1[k]).norm() / w1[k].norm()) <= 1e-5 for k in w1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["fsdp2", DS])
+def test_sharded_engines_on_a_gpu_load_on_the_host(tmp_path, kind):
+    """One CUDA process: the model is loaded into host memory and fully_shard / deepspeed.initialize move
+    its shards to the GPU (the path that keeps a 70B checkpoint off any single GPU); weights as without
+    an engine (fp32)."""
+    import safetensors.torch
+
+    common = [*worker.CLI_COMMON, "--dtype", "float32"]
+    worker.cli_run(str(tmp_path / "init-src"), "dpo", *common, "--steps", "0")  # a checkpoint to load as --model
+    model = tmp_path / "init-src" / "final"
+    one = tmp_path / "one"
+    worker.cli_run(str(one), "dpo", *common, "--model", str(model))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    flags = worker.engine_args(kind, str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                        "-m", "fastrlhf", "train", "dpo", *common, "--model", str(model), *flags,
+                        "--output-dir", str(tmp_path / "sharded")], capture_output=True, text=True, timeout=600,
+                       env=env, cwd=HERE.parent)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    w1 = safetensors.torch.load_file(one / "final" / "model.safetensors")
+    w2 = safetensors.torch.load_file(tmp_path / "sharded" / "final" / "model.safetensors")
+    assert all(float((w2[k] - w1[k]).norm() / w1[k].norm()) <= 1e-4 for k in w1)

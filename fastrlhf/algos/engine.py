@@ -16,7 +16,11 @@ Implementation choices (and where they come from):
    parameters (embeddings, final norm, lm_head, a reward head): the fused-linear loss then
    gets the plain, unsharded ``[V, H]`` lm_head weight, and its gradient flows into FSDP's
    reduce-scatter. Calling ``model.get_decoder()`` from outside would bypass both hooks.
-3. FSDP2: ``fully_shard`` on every decoder layer (the classes in the model's
+3. Loading: under FSDP2 / ZeRO-3 on GPUs a checkpoint is loaded into host memory (the CLI's
+   ``load_device``; a model handed over on the host is treated the same) and ``fully_shard``
+   (given a CUDA device mesh) / ``deepspeed.initialize`` move the parameters to the GPU and shard
+   them module by module, so no GPU ever holds the whole policy, reference or critic.
+   FSDP2: ``fully_shard`` on every decoder layer (the classes in the model's
    ``_no_split_modules``, as accelerate picks them), then on the root (torchtitan's recipe);
    ``MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=float32)`` keeps fp32 master
    weights and fp32 gradient reduction; rank 0's parameters are broadcast first (FSDP2 and
@@ -268,9 +272,15 @@ class Engine:
             # both keep each rank's own values of its shards (DDP broadcasts rank 0's): start from rank 0's
             # model, as accelerate's FSDP2 preparation does, so that randomly initialised parts (LoRA's A
             # matrices, new heads) agree across ranks
+            nccl = dist.get_backend() == "nccl"  # NCCL moves CUDA tensors only: a host tensor goes through the GPU
             with torch.no_grad():
                 for t in list(model.parameters()) + list(model.buffers()):
-                    dist.broadcast(t.data, src=0)
+                    if nccl and t.device.type != "cuda":
+                        buf = t.data.to(self.device)
+                        dist.broadcast(buf, src=0)
+                        t.data.copy_(buf)
+                    else:
+                        dist.broadcast(t.data, src=0)
         if self.kind == "deepspeed":
             from . import deepspeed_engine
 
@@ -290,7 +300,14 @@ class Engine:
             return DDP(root, device_ids=ids, forward_sync_buffers=False)
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-        kw = dict(mp_policy=MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32),
+        kw = {}
+        if self.device is not None and self.device.type == "cuda":  # host parameters move to the GPU shard by shard
+            from torch.distributed.device_mesh import init_device_mesh
+
+            if getattr(self, "_mesh", None) is None:
+                self._mesh = init_device_mesh("cuda", (self.world,))
+            kw["mesh"] = self._mesh
+        kw.update(mp_policy=MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32),
                   offload_policy=CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if self.cpu_offload
                   else OffloadPolicy())
         for layer in decoder_layers(model):

@@ -33,8 +33,12 @@ def attn_implementation(device: Optional[torch.device | str] = None) -> str:
     return "sdpa"
 
 
-def load_causal_lm(path: str, device: Optional[str] = None, dtype: Optional[torch.dtype] = None):
-    """A local Hugging Face checkpoint as ``(model, tokenizer)``; pad token set to eos if missing."""
+def load_causal_lm(path: str, device: Optional[str] = None, dtype: Optional[torch.dtype] = None,
+                   compute_device: Optional[str] = None):
+    """A local Hugging Face checkpoint as ``(model, tokenizer)`` on ``device``; pad token set to eos if missing.
+
+    ``compute_device``: where it will run when that differs from where it is loaded (FSDP2 / ZeRO-3
+    load into host memory and move only each rank's shards; it picks the attention kernel)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not os.path.isdir(path):
@@ -45,7 +49,8 @@ def load_causal_lm(path: str, device: Optional[str] = None, dtype: Optional[torc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(
-        path, local_files_only=True, attn_implementation=attn_implementation(device), dtype=dtype or torch.float32
+        path, local_files_only=True, attn_implementation=attn_implementation(compute_device or device),
+        dtype=dtype or torch.float32
     ).to(device)
     return model, tokenizer
 

@@ -45,7 +45,7 @@ import torch
 
 from . import memory
 from .batching import SequenceBatch, micro_batches
-from .engine import Engine, barrier, world_size
+from .engine import Engine, barrier, local_device, resolve_engine, world_size
 from .models import apply_lora, check_fusable, forward_hidden, freeze, head_op, output_head
 from .runstate import (  # noqa: F401  (re-exported: these names have always lived here)
     all_checkpoints,
@@ -153,6 +153,9 @@ class Trainer:
         if config.fused_linear:
             check_fusable(model)
         self.device = next(model.parameters()).device
+        if (resolve_engine(config.distributed) in ("fsdp2", "deepspeed") and self.device.type == "cpu"
+                and torch.cuda.is_available()):  # sharded on the host, each rank's shards moved to its GPU
+            self.device = local_device()
         self.engine = Engine(config.distributed, device=self.device, cpu_offload=config.cpu_offload,
                              param_dtype=memory.compute_dtype(config, self.device),
                              deepspeed=dict(path=config.deepspeed_config, max_grad_norm=config.max_grad_norm,
