@@ -276,9 +276,9 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         apply_config_file(args)  # under the command line; a resumed run has its options in args.json
     device = str(engine.local_device(args.device))
     kind = engine.init_distributed(args.distributed, torch.device(device))  # every rank, before any file is touched
-    # FSDP2 / ZeRO-3 on GPUs: a checkpoint loads into host memory and only this rank's shards reach its GPU
-    # (fully_shard / deepspeed.initialize move them), never the whole model (fastrlhf.algos.engine, 3)
-    load_device = "cpu" if kind in ("fsdp2", "deepspeed") and device.startswith("cuda") else device
+    # FSDP2 on GPUs: a checkpoint loads into host memory and only this rank's shards reach its GPU
+    # (fully_shard moves them), never the whole model (fastrlhf.algos.engine, 3)
+    load_device = "cpu" if kind == "fsdp2" and device.startswith("cuda") else device
     if args.output_dir is None:  # rank 0's timestamp names the run on every rank
         args.output_dir = engine.broadcast_object(
             os.path.join("runs", f"{args.algo}-{time.strftime('%Y%m%d-%H%M%S')}"))

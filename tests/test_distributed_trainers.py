@@ -286,9 +286,9 @@ def test_accelerate_launch_with_a_deepspeed_config_matches_one_process(one, tmp_
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["fsdp2", DS])
 def test_sharded_engines_on_a_gpu_load_on_the_host(tmp_path, kind):
-    """One CUDA process: the model is loaded into host memory and fully_shard / deepspeed.initialize move
-    its shards to the GPU (the path that keeps a 70B checkpoint off any single GPU); weights as without
-    an engine (fp32)."""
+    """One CUDA process: FSDP2 loads the model into host memory and fully_shard moves its shards to the GPU
+    (the path that keeps a large checkpoint off any single GPU); DeepSpeed on CUDA. Weights as without an
+    engine (fp32)."""
     import safetensors.torch
 
     common = [*worker.CLI_COMMON, "--dtype", "float32"]

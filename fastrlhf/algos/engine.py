@@ -16,10 +16,12 @@ Implementation choices (and where they come from):
    parameters (embeddings, final norm, lm_head, a reward head): the fused-linear loss then
    gets the plain, unsharded ``[V, H]`` lm_head weight, and its gradient flows into FSDP's
    reduce-scatter. Calling ``model.get_decoder()`` from outside would bypass both hooks.
-3. Loading: under FSDP2 / ZeRO-3 on GPUs a checkpoint is loaded into host memory (the CLI's
+3. Loading: under FSDP2 on GPUs a checkpoint is loaded into host memory (the CLI's
    ``load_device``; a model handed over on the host is treated the same) and ``fully_shard``
-   (given a CUDA device mesh) / ``deepspeed.initialize`` move the parameters to the GPU and shard
-   them module by module, so no GPU ever holds the whole policy, reference or critic.
+   (given a CUDA device mesh) moves the parameters to the GPU and shards them module by module,
+   so no GPU ever holds the whole policy, reference or critic. (``deepspeed.initialize`` moves
+   a whole model to the GPU before partitioning it unless it was built under
+   ``deepspeed.zero.Init``, which the trainers do not do yet.)
    FSDP2: ``fully_shard`` on every decoder layer (the classes in the model's
    ``_no_split_modules``, as accelerate picks them), then on the root (torchtitan's recipe);
    ``MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=float32)`` keeps fp32 master

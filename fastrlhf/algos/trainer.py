@@ -153,8 +153,8 @@ class Trainer:
         if config.fused_linear:
             check_fusable(model)
         self.device = next(model.parameters()).device
-        if (resolve_engine(config.distributed) in ("fsdp2", "deepspeed") and self.device.type == "cpu"
-                and torch.cuda.is_available()):  # sharded on the host, each rank's shards moved to its GPU
+        if (resolve_engine(config.distributed) == "fsdp2" and self.device.type == "cpu"
+                and torch.cuda.is_available()):  # sharded from the host, each rank's shards moved to its GPU
             self.device = local_device()
         self.engine = Engine(config.distributed, device=self.device, cpu_offload=config.cpu_offload,
                              param_dtype=memory.compute_dtype(config, self.device),
