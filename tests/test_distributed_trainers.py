@@ -219,6 +219,32 @@ def test_distributed_none_under_a_launcher_is_refused(monkeypatch):
     assert resolve_engine("auto") == "none"
 
 
+def test_deepspeed_config_keeps_the_trainers_batch_and_drops_auto(tmp_path, monkeypatch):
+    """An HF / accelerate-style DeepSpeed file: "auto" entries dropped (DeepSpeed rejects them), batch,
+    accumulation and clipping the trainer's, an optimizer section refused by name."""
+    from fastrlhf.algos.deepspeed_engine import ds_config
+
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", raising=False)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                                "gradient_accumulation_steps": 8, "bf16": {"enabled": "auto"},
+                                "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto",
+                                                      "offload_optimizer": {"device": "cpu"}}}))
+    cfg = ds_config(str(path), micro_batch_size=4, max_grad_norm=1.0, trainable=True)
+    assert cfg == {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "bf16": {},
+                   "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
+                   "gradient_clipping": 1.0, "zero_allow_untested_optimizer": True}
+    frozen = ds_config(str(path), micro_batch_size=4, max_grad_norm=None, trainable=False)
+    assert frozen["zero_optimization"] == {"stage": 3} and frozen["gradient_clipping"] == 0.0
+    assert ds_config(None, micro_batch_size=2, max_grad_norm=1.0, trainable=True)["zero_optimization"] == {"stage": 3}
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")  # accelerate's zero_stage, without a file
+    assert ds_config(None, micro_batch_size=2, max_grad_norm=1.0, trainable=True)["zero_optimization"] == {"stage": 2}
+    path.write_text(json.dumps({"optimizer": {"type": "AdamW"}}))
+    with pytest.raises(ValueError, match="'optimizer'"):
+        ds_config(str(path), micro_batch_size=2, max_grad_norm=1.0, trainable=True)
+
+
 def test_cli_parses_the_engine_flags():
     args = cli.build_parser().parse_args(["train", "dpo", "--distributed", "fsdp2", "--cpu-offload"])
     assert (args.distributed, args.cpu_offload) == ("fsdp2", True)

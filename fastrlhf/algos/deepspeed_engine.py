@@ -82,12 +82,18 @@ def ds_config(path: Optional[str], *, micro_batch_size: int, max_grad_norm: Opti
     cfg["gradient_accumulation_steps"] = 1
     cfg["gradient_clipping"] = float(max_grad_norm) if max_grad_norm is not None else 0.0
     cfg["zero_allow_untested_optimizer"] = True
-    for half in ("fp16", "bf16"):
-        if cfg.get(half, {}).get("enabled") == "auto":
-            cfg[half] = {**cfg[half], "enabled": False}
+    cfg = _drop_auto(cfg)  # HF / accelerate-style files: "auto" means DeepSpeed's own default here
     if not trainable:
         cfg["zero_optimization"] = {**cfg.get("zero_optimization", {})}
         cfg["zero_optimization"].pop("offload_optimizer", None)
+    return cfg
+
+
+def _drop_auto(cfg: Any) -> Any:
+    """``cfg`` without the entries whose value is ``"auto"`` (transformers fills those in from the model;
+    DeepSpeed itself rejects them), at any depth."""
+    if isinstance(cfg, dict):
+        return {k: _drop_auto(v) for k, v in cfg.items() if v != "auto"}
     return cfg
 
 
