@@ -222,6 +222,14 @@ def main(out: str) -> None:
             cli_run(os.path.join(out, res["run"]), algo, *CLI_COMMON, *engine_args(kind, out))
     res["run"] = "dpo-fsdp2-offload"  # FSDP2's CPUOffloadPolicy
     cli_run(os.path.join(out, res["run"]), "dpo", *CLI_COMMON, "--distributed", "fsdp2", "--cpu-offload")
+    if HAS_DEEPSPEED:  # ZeRO-Offload of the optimizer state, with the trainer's own optimizer
+        res["run"] = "dpo-deepspeed-offload"
+        path = os.path.join(out, "ds_offload.json")
+        with open(path, "w") as f:
+            json.dump({"zero_optimization": {**DS_CONFIG["zero_optimization"], "offload_optimizer": {"device": "cpu"}}},
+                      f)
+        cli_run(os.path.join(out, res["run"]), "dpo", *CLI_COMMON, "--distributed", "deepspeed",
+                "--deepspeed-config", path)
     for algo in ("dpo", "rm"):  # LoRA: the adapters (dpo) and the merged export (rm) from sharded states
         for kind in KINDS[1:]:
             res["run"] = f"{algo}-lora-{kind}"

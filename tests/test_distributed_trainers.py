@@ -78,7 +78,8 @@ def metrics(run: Path):
 
 @pytest.mark.parametrize("algo, kind", [("dpo", "ddp"), ("dpo", "fsdp2"), ("rm", "ddp"), ("rm", "fsdp2"),
                                        ("dpo", "fsdp2-offload"), pytest.param("dpo", "deepspeed", marks=needs_ds),
-                                       pytest.param("rm", "deepspeed", marks=needs_ds)])
+                                       pytest.param("rm", "deepspeed", marks=needs_ds),
+                                       pytest.param("dpo", "deepspeed-offload", marks=needs_ds)])
 def test_two_processes_end_with_the_one_process_weights(two, one, algo, kind):
     (out2, res), (out1, rows1) = two, one
     w1, init = weights(out1 / algo)
@@ -234,7 +235,8 @@ def test_deepspeed_config_keeps_the_trainers_batch_and_drops_auto(tmp_path, monk
     cfg = ds_config(str(path), micro_batch_size=4, max_grad_norm=1.0, trainable=True)
     assert cfg == {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "bf16": {},
                    "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
-                   "gradient_clipping": 1.0, "zero_allow_untested_optimizer": True}
+                   "gradient_clipping": 1.0, "zero_allow_untested_optimizer": True,
+                   "zero_force_ds_cpu_optimizer": False}
     frozen = ds_config(str(path), micro_batch_size=4, max_grad_norm=None, trainable=False)
     assert frozen["zero_optimization"] == {"stage": 3} and frozen["gradient_clipping"] == 0.0
     assert ds_config(None, micro_batch_size=2, max_grad_norm=1.0, trainable=True)["zero_optimization"] == {"stage": 3}

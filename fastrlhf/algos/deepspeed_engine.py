@@ -82,6 +82,8 @@ def ds_config(path: Optional[str], *, micro_batch_size: int, max_grad_norm: Opti
     cfg["gradient_accumulation_steps"] = 1
     cfg["gradient_clipping"] = float(max_grad_norm) if max_grad_norm is not None else 0.0
     cfg["zero_allow_untested_optimizer"] = True
+    # offload_optimizer with our (client) optimizer: DeepSpeed otherwise insists on its compiled CPU Adam
+    cfg.setdefault("zero_force_ds_cpu_optimizer", False)
     cfg = _drop_auto(cfg)  # HF / accelerate-style files: "auto" means DeepSpeed's own default here
     if not trainable:
         cfg["zero_optimization"] = {**cfg.get("zero_optimization", {})}

@@ -307,6 +307,7 @@ class Engine:
             from torch.distributed.device_mesh import init_device_mesh
 
             if getattr(self, "_mesh", None) is None:
+                torch.cuda.set_device(self.device)  # the mesh (and FSDP2's shards) on this rank's GPU
                 self._mesh = init_device_mesh("cuda", (self.world,))
             kw["mesh"] = self._mesh
         kw.update(mp_policy=MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32),
@@ -456,7 +457,7 @@ class Engine:
                     if os.path.isdir(os.path.join(path, other)) else "not a checkpoint of a distributed run")
             raise FileNotFoundError(f"{path!r} has no {sub}/ directory: {hint}")
         rng_file = os.path.join(path, f"rng-{self.rank}.pt")
-        if not os.path.exists(rng_file):
+        if self.all_sum([not os.path.exists(rng_file)])[0] > 0:  # every rank raises, none waits in a collective
             raise ValueError(f"{path!r} was saved by fewer processes than the {self.world} running now")
         if self.kind == "deepspeed":
             root.load_checkpoint(os.path.join(path, "deepspeed"), tag="state")

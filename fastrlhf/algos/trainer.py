@@ -42,10 +42,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from . import memory
 from .batching import SequenceBatch, micro_batches
-from .engine import Engine, barrier, local_device, resolve_engine, world_size
+from .engine import Engine, barrier, launched_world_size, local_device, resolve_engine, world_size
 from .models import apply_lora, check_fusable, forward_hidden, freeze, head_op, output_head
 from .runstate import (  # noqa: F401  (re-exported: these names have always lived here)
     all_checkpoints,
@@ -153,13 +154,14 @@ class Trainer:
         if config.fused_linear:
             check_fusable(model)
         self.device = next(model.parameters()).device
-        if (resolve_engine(config.distributed) == "fsdp2" and self.device.type == "cpu"
-                and torch.cuda.is_available()):  # sharded from the host, each rank's shards moved to its GPU
-            self.device = local_device()
+        if (resolve_engine(config.distributed) == "fsdp2" and self.device.type == "cpu" and torch.cuda.is_available()
+                and (not dist.is_initialized() or dist.get_backend() == "nccl")):
+            self.device = local_device()  # sharded from the host, each rank's shards moved to its GPU (not on gloo)
         self.engine = Engine(config.distributed, device=self.device, cpu_offload=config.cpu_offload,
                              param_dtype=memory.compute_dtype(config, self.device),
                              deepspeed=dict(path=config.deepspeed_config, max_grad_norm=config.max_grad_norm,
-                                            micro_batch_size=max(1, config.micro_batch_size // world_size())))
+                                            micro_batch_size=max(1, config.micro_batch_size // (
+                                                world_size() if dist.is_initialized() else launched_world_size()))))
         if self.engine.kind == "deepspeed" and memory.compute_dtype(config, self.device) == torch.float16:
             raise ValueError("dtype='float16' is not supported with distributed='deepspeed' (its loss scaling is "
                              "DeepSpeed's): use bfloat16, or DeepSpeed's own fp16 section in --deepspeed-config")
