@@ -26,7 +26,7 @@ GRPO_ARGS = ["--prompts-per-step", "4", "--group-size", "4", "--micro-batch-size
              "--no-progress", "--no-plot", "--save-every", "1"]
 # the normaliser case: completions of very different lengths on the two ranks' prompts
 NORM_PROMPTS = ["1+1=", "2+2=", "3+3=", "4+4="]
-NORM_ALGOS = ("grpo", "grpo-reinforce++", "ppo", "ppo-seq", "rft")
+NORM_ALGOS = ("grpo", "grpo-reinforce++", "grpo-drgrpo", "ppo", "ppo-seq", "rft")
 NORM_COMPLETIONS = {"1+1=": ["2", "3"], "2+2=": ["4", "45"], "3+3=": ["612345", "6123456"],
                     "4+4=": ["81234567", "8123456"]}
 
@@ -80,6 +80,10 @@ def build(algo: str, kind: str, *, micro_batch_size: int = 8, grad_accum: int = 
     reward = lambda prompts, completions, **_: [0.0] * len(prompts)  # noqa: E731  (the rollout is fixed)
     if algo == "grpo":
         return GRPO(model, tok, rows, reward, GRPOConfig(group_size=2, num_inner_epochs=1, beta=0.04, **common))
+    if algo == "grpo-drgrpo":  # a loss divided by the padded completion width: the ranks' widths differ
+        return GRPO(model, tok, rows, reward, GRPOConfig(group_size=2, num_inner_epochs=1, beta=0.0,
+                                                         loss_agg="seq-mean-token-sum-norm", scale_rewards="none",
+                                                         **common))
     if algo == "grpo-reinforce++":  # advantages whitened over the whole rollout, with a KL reward
         return GRPO(model, tok, rows, reward, GRPOConfig(group_size=2, num_inner_epochs=1, beta=0.0,
                                                          advantage_estimator="reinforce++", reward_kl_coef=0.05,

@@ -38,6 +38,15 @@ class SequenceBatch:
     def completion_mask(self) -> torch.Tensor:
         return self.labels != IGNORE_INDEX  # [B, R]
 
+    def padded_to(self, width: int, pad_id: int) -> SequenceBatch:
+        """The same sequences with completions right-padded to ``width`` columns (no-op when already as wide)."""
+        extra = width - self.labels.shape[1]
+        if extra <= 0:
+            return self
+        pad = torch.nn.functional.pad
+        return SequenceBatch(pad(self.input_ids, (0, extra), value=pad_id), pad(self.attention_mask, (0, extra)),
+                             pad(self.labels, (0, extra), value=IGNORE_INDEX), self.prompt_len)
+
     def token_lists(self, idx=None) -> Tuple[List[List[int]], List[List[int]]]:
         """The prompt and completion token ids of rows ``idx`` (default: all): the inverse of :func:`pack_sequences`."""
         rows = self if idx is None else self.select(idx)

@@ -121,6 +121,7 @@ class GRPO(RolloutTrainer):
         # 1. Rollout: G samples per prompt, scored by the reward function.
         batch, rewards, _ = self.sample_and_score(rows, G, max_new_tokens=c.max_new_tokens,
                                                   temperature=c.temperature, reward_fn=self.reward_fn)  # [B * G]
+        batch = self.global_width(batch)  # several ranks: one completion width (a no-op in one process)
 
         # 2. Logprobs of the sampling policy and of the reference, once per rollout.
         old_logp = self.completion_logprobs(self.model, batch, c.temperature)  # [B * G, R]

@@ -179,6 +179,7 @@ class PPO(RolloutTrainer):
         # 1. Rollout and its score.
         batch, scores, _ = self.sample_and_score(rows, S, max_new_tokens=c.max_new_tokens,
                                                  temperature=c.temperature, reward_fn=self.reward_fn)  # [B]
+        batch = self.global_width(batch)  # several ranks: one completion width (a no-op in one process)
         mask = batch.completion_mask.float()  # [B, R]
 
         # 2. Logprobs, reference logprobs and values of the rollout, no grad.

@@ -59,6 +59,14 @@ class RolloutTrainer(Trainer):
     def rows_per_step(self) -> int:
         return self.config.prompts_per_step
 
+    def global_width(self, batch: SequenceBatch) -> SequenceBatch:
+        """``batch`` with its completions right-padded to the longest of every rank's (itself in one process),
+        so that a loss normalised by the padded width (``seq-mean-token-sum-norm``, Dr. GRPO) divides by
+        the one-process width; a collective."""
+        if self.engine.world == 1:
+            return batch
+        return batch.padded_to(max(self.engine.gather([batch.labels.shape[1]])), self.pad_id)
+
     # -- rollouts -------------------------------------------------------------------------
 
     @torch.no_grad()
