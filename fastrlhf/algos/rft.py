@@ -93,8 +93,8 @@ class RFT(RolloutTrainer):
             return -logp.sum() / mb.completion_mask.sum().clamp_min(1), {}
 
         def tokens(idx: torch.Tensor) -> int:  # 0 only for a micro-batch of the padding rows of _deal_out
-            return int((data.labels[idx] != IGNORE_INDEX).sum()) if self.engine.world > 1 else \
-                max(1, int((data.labels[idx] != IGNORE_INDEX).sum()))
+            n = int((data.labels[idx] != IGNORE_INDEX).sum())
+            return n if self.engine.world > 1 else max(1, n)  # one process divides by it
 
         # units are tokens: each update's loss is the token-mean NLL over the update
         out = self.run_updates(0 if data is None else len(data), loss_fn, epochs=c.sft_epochs,
